@@ -1,0 +1,33 @@
+"""tokensparse: Token Sparse Attention for long-context prefill.
+
+Public API:
+    TokenSparseConfig        frozen, validated settings
+    token_sparse_attention   the op, a drop-in for causal SDPA
+    select_tokens            the selection stage alone (scores, budget, top-k)
+    TokenSelection           what select_tokens returns
+    enable / disable         switch a transformers model to the method and back
+    selection_report         per-layer, per-head kept counts of recorded prefills
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .attention import token_sparse_attention
+from .config import TokenSparseConfig
+from .integrations.transformers import disable, enable, selection_report
+from .selection import TokenSelection, select_tokens
+
+try:
+    __version__ = version("tokensparse")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+local"
+
+__all__ = [
+    "TokenSparseConfig",
+    "TokenSelection",
+    "token_sparse_attention",
+    "select_tokens",
+    "enable",
+    "disable",
+    "selection_report",
+    "__version__",
+]

@@ -1,0 +1,299 @@
+"""Token Sparse Attention inside Hugging Face transformers models.
+
+The method plugs in through ``AttentionInterface`` (the attention function) and
+``AttentionMaskInterface`` (the mask builder, so that left padding reaches the
+function); no model class is patched. Any model family that routes attention
+through the interface works; layers are found by their ``layer_idx`` attribute.
+
+Prefill calls of sparse layers use the method. Everything else (decode steps,
+dense layers, queries after a cached prefix, options the method does not cover)
+goes to transformers' stock SDPA function, with a one-time warning for
+unsupported options.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..attention import attend_selected
+from ..config import TokenSparseConfig
+from ..selection import select_tokens, static_dense
+
+logger = logging.getLogger(__name__)
+
+ATTN_NAME = "tokensparse"
+_STATE_ATTR = "_tokensparse_layer"
+_MODEL_ATTR = "_tokensparse_model"
+_warned: set[str] = set()
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What one sparse layer kept during one prefill.
+
+    Attributes:
+        layer: decoder layer index.
+        seq_lens: (B,) real tokens per sequence.
+        num_kept: (B, H) tokens each head attended over (window included).
+        dropped_mass: (B, H) share of window attention mass on dropped tokens.
+        dense: (B,) whether the sequence ran dense in this layer.
+    """
+
+    layer: int
+    seq_lens: list[int]
+    num_kept: list[list[int]]
+    dropped_mass: list[list[float]]
+    dense: list[bool]
+
+    @property
+    def kept_share(self) -> list[list[float]]:
+        """(B, H) share of real tokens each head kept."""
+        return [[k / max(n, 1) for k in row] for n, row in zip(self.seq_lens, self.num_kept)]
+
+    @property
+    def mean_kept_share(self) -> float:
+        shares = [s for row in self.kept_share for s in row]
+        return sum(shares) / len(shares)
+
+    @property
+    def max_dropped_mass(self) -> float:
+        return max(m for row in self.dropped_mass for m in row)
+
+
+@dataclass
+class _ModelState:
+    config: TokenSparseConfig
+    sparse_layers: tuple[int, ...]
+    previous_attn: str
+    record: bool
+    prefills: list[dict[int, LayerRecord]] = field(default_factory=list)
+
+    def add(self, record: LayerRecord) -> None:
+        # A layer seen again means a new prefill has started.
+        if not self.prefills or record.layer in self.prefills[-1]:
+            self.prefills.append({})
+        self.prefills[-1][record.layer] = record
+
+
+def enable(
+    model: torch.nn.Module,
+    config: TokenSparseConfig | None = None,
+    *,
+    record: bool = False,
+) -> torch.nn.Module:
+    """Switch ``model`` to Token Sparse Attention on its sparse layers.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` whose attention goes through
+            ``AttentionInterface``.
+        config: settings; ``config.sparse_layers=None`` uses the second half of the
+            decoder layers (the paper's fallback for models without a profile).
+        record: keep a per-prefill, per-layer, per-head record of what was kept,
+            read with :func:`selection_report`. Off, nothing is copied to the host.
+
+    Returns:
+        The same model, for chaining.
+    """
+    config = TokenSparseConfig() if config is None else config
+    if not isinstance(config, TokenSparseConfig):
+        raise ValueError(f"config must be a TokenSparseConfig, got {type(config).__name__}")
+    if not hasattr(model, "set_attn_implementation"):
+        raise ValueError("model must be a transformers PreTrainedModel (it has no set_attn_implementation)")
+    layers = attention_layers(model)
+    if not layers:
+        raise ValueError("model has no attention modules with a layer_idx; is it a transformers decoder model?")
+    num_layers = _num_hidden_layers(model, layers)
+    sparse_layers = config.sparse_layers
+    if sparse_layers is None:
+        sparse_layers = tuple(range(num_layers // 2, num_layers))
+        logger.info("no sparse_layers given: using the second half of the layers, %s", list(sparse_layers))
+    bad = [i for i in sparse_layers if i >= num_layers]
+    if bad:
+        raise ValueError(f"config.sparse_layers has indices {bad} beyond the model's {num_layers} layers")
+
+    _register()
+    previous = getattr(model, _MODEL_ATTR, None)
+    previous_attn = previous.previous_attn if previous else model.config._attn_implementation
+    state = _ModelState(config, tuple(sparse_layers), previous_attn or "sdpa", record)
+    for module in layers:
+        setattr(module, _STATE_ATTR, (state, module.layer_idx in state.sparse_layers))
+    setattr(model, _MODEL_ATTR, state)
+    model.set_attn_implementation(ATTN_NAME)
+    return model
+
+
+def disable(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`enable`: restore the previous attention implementation."""
+    state = getattr(model, _MODEL_ATTR, None)
+    if state is None:
+        return model
+    for module in attention_layers(model):
+        if hasattr(module, _STATE_ATTR):
+            delattr(module, _STATE_ATTR)
+    delattr(model, _MODEL_ATTR)
+    model.set_attn_implementation(state.previous_attn)
+    return model
+
+
+def selection_report(model: torch.nn.Module, *, clear: bool = False) -> list[dict[int, LayerRecord]]:
+    """Recorded prefills, oldest first: for each, sparse layer index -> :class:`LayerRecord`.
+
+    Needs ``enable(..., record=True)``. ``clear`` empties the record afterwards.
+    """
+    state = getattr(model, _MODEL_ATTR, None)
+    if state is None:
+        raise ValueError("tokensparse is not enabled on this model")
+    if not state.record:
+        raise ValueError("recording is off: call enable(model, config, record=True)")
+    prefills = list(state.prefills)
+    if clear:
+        state.prefills.clear()
+    return prefills
+
+
+def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Attention modules of ``model``: those with an int ``layer_idx`` and GQA group count."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "num_key_value_groups")
+    ]
+
+
+def token_sparse_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The function registered with ``AttentionInterface``.
+
+    query (B, H, Lq, D), key/value (B, Hkv, Lk, D) after the cache update;
+    returns ((B, Lq, H, Dv), None) as transformers expects.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def stock() -> tuple[torch.Tensor, None]:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    layer_state = getattr(module, _STATE_ATTR, None)
+    if layer_state is None or not layer_state[1] or query.shape[2] == 1:
+        return stock()
+    state: _ModelState = layer_state[0]
+    config = state.config
+    if static_dense(config, key.shape[2]):
+        return stock()
+    reason = _unsupported_reason(module, query, key, dropout, kwargs)
+    key_padding_mask = None
+    if reason is None and attention_mask is not None:
+        key_padding_mask = _left_padding_from_mask(attention_mask, query.shape[2])
+        if key_padding_mask is None:
+            reason = "the attention mask is not causal with left padding (packed sequences or a custom mask)"
+    if reason is not None:
+        _warn_once(reason + ": running dense SDPA")
+        return stock()
+
+    selection = select_tokens(query, key, config, scale=scaling, key_padding_mask=key_padding_mask)
+    if state.record:
+        state.add(
+            LayerRecord(
+                layer=module.layer_idx,
+                seq_lens=selection.seq_lens.tolist(),
+                num_kept=selection.num_kept.tolist(),
+                dropped_mass=selection.dropped_mass.tolist(),
+                dense=selection.dense.tolist(),
+            )
+        )
+    if selection.kept_idx is None:
+        return stock()
+    out = attend_selected(query, key, value, selection, scale=scaling, backend=config.backend, layout="blhd")
+    return out, None
+
+
+def _unsupported_reason(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, dropout: float, kwargs: dict[str, Any]
+) -> str | None:
+    if query.shape[2] != key.shape[2]:
+        return "queries after a cached prefix (chunked prefill or a pre-filled cache) are not supported"
+    if dropout and module.training:
+        return "attention dropout during training is not supported"
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        return "non-causal attention is not supported"
+    if kwargs.get("position_bias") is not None:
+        return "position_bias is not supported"
+    if kwargs.get("softcap") is not None:
+        return "attention logit softcapping is not supported"
+    if kwargs.get("s_aux") is not None:
+        return "attention sinks (s_aux) are not supported"
+    sliding_window = kwargs.get("sliding_window")
+    if sliding_window is not None and sliding_window < key.shape[2]:
+        return "sliding-window attention shorter than the prompt is not supported"
+    return None
+
+
+def _left_padding_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor | None:
+    """(B, L) bool key padding if ``attention_mask`` is causal with left padding, else None.
+
+    Accepts transformers' bool masks (True = attend) and additive float masks
+    (0 = attend), shaped (B, 1, L, L).
+    """
+    if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (seq_len, seq_len) or attention_mask.shape[1] != 1:
+        return None
+    allowed = attention_mask[:, 0] if attention_mask.dtype == torch.bool else attention_mask[:, 0] == 0
+    # The last query sees every real key, so its row is the key padding mask.
+    real = allowed[:, -1, :]
+    if bool((real[:, 1:] < real[:, :-1]).any()):
+        return None
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=allowed.device).tril()
+    expected = causal[None] & real[:, None, :]
+    # Rows of padded queries are irrelevant (their output is zeroed).
+    if not bool(((allowed == expected) | ~real[:, :, None]).all()):
+        return None
+    return real
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, token_sparse_attention_forward)
+    # Without a registered mask builder, transformers passes attention_mask=None
+    # to unknown implementations and left padding would be silently lost.
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _num_hidden_layers(model: torch.nn.Module, layers: list[torch.nn.Module]) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "num_hidden_layers", None) or (max(m.layer_idx for m in layers) + 1)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("tokensparse: %s", message)
+
+
+# Tests and tools may reset the once-only warnings.
+def _reset_warnings() -> None:
+    _warned.clear()
+
+
+__all__ = [
+    "ATTN_NAME",
+    "LayerRecord",
+    "enable",
+    "disable",
+    "selection_report",
+    "attention_layers",
+    "token_sparse_attention_forward",
+]

@@ -1,0 +1,118 @@
+"""Plain PyTorch references for the stages that the Triton kernels implement.
+
+These run on any device and define the numbers the kernels must reproduce.
+Layouts: query (B, H, L, D); key and value (B, Hkv, L, D) with H a multiple of
+Hkv (query head h reads KV head h // (H // Hkv)); indices (B, H, K) int64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def window_mass_ref(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    window: int,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean softmax attention of the last ``window`` queries on every key.
+
+    Args:
+        query: (B, H, L, D).
+        key: (B, Hkv, L, D).
+        window: W, number of trailing queries that score (1 <= W <= L).
+        scale: softmax scale, default 1 / sqrt(D).
+        key_padding_mask: optional (B, L) bool, True for real tokens.
+
+    Returns:
+        (B, H, L) float32 (float64 for float64 inputs): for key j, the mean over
+        the W window queries of their causal softmax probability on j. Each row
+        sums to 1 over the keys; padded keys get 0.
+    """
+    batch, num_heads, seq_len, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scale = head_dim**-0.5 if scale is None else scale
+
+    q_pos = torch.arange(seq_len - window, seq_len, device=query.device)
+    k_pos = torch.arange(seq_len, device=query.device)
+    allowed = k_pos[None, :] <= q_pos[:, None]  # (W, L)
+    if key_padding_mask is not None:
+        allowed = allowed[None, None] & key_padding_mask[:, None, None, :]  # (B, 1, W, L)
+
+    out = torch.empty(batch, num_heads, seq_len, dtype=acc, device=query.device)
+    # One KV head at a time: its whole query group shares the keys, so K is read
+    # once per group and never repeated across the group in memory.
+    for kv_head in range(num_kv_heads):
+        heads = slice(kv_head * group, (kv_head + 1) * group)
+        q_win = query[:, heads, seq_len - window :, :].to(acc)  # (B, G, W, D)
+        k = key[:, kv_head : kv_head + 1, :, :].to(acc)  # (B, 1, L, D)
+        logits = torch.matmul(q_win, k.transpose(-1, -2)) * scale  # (B, G, W, L)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        out[:, heads] = probs.mean(dim=2)
+    return out
+
+
+def gather_kept_ref(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kept_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compress: rows of the kept tokens of every query head.
+
+    Args:
+        query: (B, H, L, D); key, value: (B, Hkv, L, D) (value may have its own Dv).
+        kept_idx: (B, H, K) int64 positions; entries equal to L are padding.
+
+    Returns:
+        q, k: (B, H, K, D) and v: (B, H, K, Dv). Padding rows hold copies of row
+        L - 1; they sit at the end of every causal sequence, so valid rows never
+        attend to them.
+    """
+    batch, num_heads, seq_len, _ = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    idx = kept_idx.clamp(max=seq_len - 1)
+    q_c = torch.gather(query, 2, idx[..., None].expand(-1, -1, -1, query.shape[-1]))
+    # Address K/V rows as (kv_head * L + position) in a flat (B, Hkv * L, D) view,
+    # so each query head reads its KV head's rows without repeating K/V to H heads.
+    kv_of_head = torch.arange(num_heads, device=query.device) // group
+    flat_idx = (kv_of_head[None, :, None] * seq_len + idx).reshape(batch, -1)  # (B, H * K)
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        dim = x.shape[-1]
+        rows = torch.gather(x.reshape(batch, num_kv_heads * seq_len, dim), 1, flat_idx[..., None].expand(-1, -1, dim))
+        return rows.view(batch, num_heads, -1, dim)
+
+    return q_c, take(key), take(value)
+
+
+def scatter_kept_ref(
+    out_c: torch.Tensor, kept_idx: torch.Tensor, seq_len: int, layout: str = "bhld"
+) -> torch.Tensor:
+    """Decompress: put compressed rows back in place, zeros elsewhere.
+
+    Args:
+        out_c: (B, H, K, Dv) attention output on the compressed sequences.
+        kept_idx: (B, H, K) int64 positions; entries equal to ``seq_len`` are padding.
+        seq_len: L.
+        layout: ``"bhld"`` returns (B, H, L, Dv) as SDPA does; ``"blhd"`` returns
+            (B, L, H, Dv) as transformers' attention functions do (contiguous).
+
+    Returns:
+        The full output, zero in rows a head did not keep.
+    """
+    batch, num_heads, _, dim = out_c.shape
+    # One spare row absorbs the padding entries, so no masking is needed.
+    if layout == "bhld":
+        full = out_c.new_zeros(batch, num_heads, seq_len + 1, dim)
+        full.scatter_(2, kept_idx[..., None].expand(-1, -1, -1, dim), out_c)
+        return full[:, :, :seq_len]
+    if layout == "blhd":
+        full = out_c.new_zeros(batch, seq_len + 1, num_heads, dim)
+        idx = kept_idx.transpose(1, 2)[..., None].expand(-1, -1, -1, dim)
+        full.scatter_(1, idx, out_c.transpose(1, 2))
+        return full[:, :seq_len]
+    raise ValueError(f"layout must be 'bhld' or 'blhd', got {layout!r}")

