@@ -79,7 +79,59 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------- profile
 def _add_profile(sub: argparse._SubParsersAction) -> None:
-    del sub  # filled in by layer profiling
+    p = sub.add_parser("profile", help="measure per-layer drift on a calibration prompt and choose the sparse layers")
+    p.add_argument("--model", default="smollm2", help="model name, hub id or path (default: the embedded SmolLM2)")
+    p.add_argument("--delta", type=float, default=0.5, help="quantile of drift at or below which layers are sparse")
+    p.add_argument("--length", type=int, default=None,
+                   help="calibration prompt length in tokens (default: 4096, or the model's context if shorter)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="UTF-8 text file to calibrate on (default: a built-in English text)")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="profile JSON to write (default: results/profile/NAME.json); the plot goes beside it as .png")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(run=_run_profile)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    import re
+    from pathlib import Path
+
+    from . import models
+    from .profile import (
+        BUILTIN_CALIBRATION,
+        DEFAULT_LENGTH,
+        LayerProfile,
+        calibration_ids,
+        format_drift_table,
+        plot_profile,
+        profile_model,
+    )
+
+    text = None
+    source = BUILTIN_CALIBRATION
+    if args.calibration is not None:
+        path = Path(args.calibration)
+        if not path.is_file():
+            raise FileNotFoundError(f"no calibration file at {path}")
+        text = path.read_text(encoding="utf-8")
+        source = f"file:{path.name}"
+    print(f"loading {args.model} ...", flush=True)
+    loaded = models.load(args.model, device=args.device)
+    context = loaded.max_context
+    length = args.length if args.length is not None else (min(DEFAULT_LENGTH, context) if context else DEFAULT_LENGTH)
+    if context and length > context:
+        raise ValueError(f"--length {length} exceeds the model's context of {context} tokens")
+    input_ids = calibration_ids(loaded.tokenizer, length, text)
+    print(f"running {length} calibration tokens densely on {loaded.device} ...", flush=True)
+    profile = profile_model(loaded.model, input_ids, delta=args.delta, calibration=source)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.model.rstrip("/")).name).removesuffix(".gguf") or "model"
+    out = Path(args.out) if args.out else Path("results") / "profile" / f"{slug}.json"
+    profile.save(out)
+    # The plot is made from the file, as every result plot is.
+    plot = plot_profile(LayerProfile.load(out), out.with_suffix(".png"))
+    print(format_drift_table(profile))
+    print(f"wrote {out} and {plot}")
+    return 0
 
 
 # ---------------------------------------------------------------- eval

@@ -14,14 +14,18 @@ unsupported options.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..attention import attend_selected
 from ..config import TokenSparseConfig
 from ..selection import select_tokens, static_dense
+
+if TYPE_CHECKING:
+    from ..profile import LayerProfile
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +87,7 @@ def enable(
     model: torch.nn.Module,
     config: TokenSparseConfig | None = None,
     *,
+    profile: "LayerProfile | str | os.PathLike | None" = None,
     record: bool = False,
 ) -> torch.nn.Module:
     """Switch ``model`` to Token Sparse Attention on its sparse layers.
@@ -90,8 +95,14 @@ def enable(
     Args:
         model: a transformers ``PreTrainedModel`` whose attention goes through
             ``AttentionInterface``.
-        config: settings; ``config.sparse_layers=None`` uses the second half of the
-            decoder layers (the paper's fallback for models without a profile).
+        config: settings. The sparse layers are, in order of precedence:
+            ``config.sparse_layers``; the layers of ``profile``; those of a profile
+            shipped with the package whose model identity matches ``model``; else
+            the second half of the decoder layers (the paper's fallback), with a
+            one-time warning.
+        profile: a layer profile (:class:`tokensparse.profile.LayerProfile` or the
+            path of a JSON written by ``tokensparse profile``); only used when
+            ``config.sparse_layers`` is None.
         record: keep a per-prefill, per-layer, per-head record of what was kept,
             read with :func:`selection_report`. Off, nothing is copied to the host.
 
@@ -109,8 +120,9 @@ def enable(
     num_layers = _num_hidden_layers(model, layers)
     sparse_layers = config.sparse_layers
     if sparse_layers is None:
-        sparse_layers = tuple(range(num_layers // 2, num_layers))
-        logger.info("no sparse_layers given: using the second half of the layers, %s", list(sparse_layers))
+        sparse_layers = _profile_layers(model, profile, num_layers)
+    elif profile is not None:
+        raise ValueError("pass either config.sparse_layers or profile, not both")
     bad = [i for i in sparse_layers if i >= num_layers]
     if bad:
         raise ValueError(f"config.sparse_layers has indices {bad} beyond the model's {num_layers} layers")
@@ -124,6 +136,35 @@ def enable(
     setattr(model, _MODEL_ATTR, state)
     model.set_attn_implementation(ATTN_NAME)
     return model
+
+
+def _profile_layers(
+    model: torch.nn.Module, profile: "LayerProfile | str | os.PathLike | None", num_layers: int
+) -> tuple[int, ...]:
+    from ..profile import ModelIdentity, find_profile, load_profile
+
+    if profile is not None:
+        loaded = load_profile(profile)
+        if loaded.model.num_layers != num_layers:
+            raise ValueError(
+                f"profile was measured on a model of {loaded.model.num_layers} layers, this model has {num_layers}"
+            )
+        if loaded.model != ModelIdentity.from_model(model):
+            _warn_once(f"the profile was measured on {loaded.model.name or loaded.model.architecture!r}, "
+                       "a model with a different identity; using its layers anyway")
+        return loaded.sparse_layers
+    shipped = find_profile(model)
+    if shipped is not None:
+        logger.info("using the shipped layer profile for %s: %s", shipped.model.name, list(shipped.sparse_layers))
+        return shipped.sparse_layers
+    fallback = tuple(range(num_layers // 2, num_layers))
+    identity = ModelIdentity.from_model(model)
+    _warn_once(
+        f"no layer profile for this model ({identity.architecture}, {identity.num_layers} layers, "
+        f"name {identity.name!r}): using the second half of the layers, {list(fallback)}; "
+        "run `tokensparse profile --model NAME_OR_PATH` and pass enable(..., profile=PATH)"
+    )
+    return fallback
 
 
 def disable(model: torch.nn.Module) -> torch.nn.Module:
@@ -153,6 +194,14 @@ def selection_report(model: torch.nn.Module, *, clear: bool = False) -> list[dic
     if clear:
         state.prefills.clear()
     return prefills
+
+
+def sparse_layers_of(model: torch.nn.Module) -> tuple[int, ...]:
+    """Indices of the layers that run Token Sparse Attention on an enabled model."""
+    state = getattr(model, _MODEL_ATTR, None)
+    if state is None:
+        raise ValueError("tokensparse is not enabled on this model")
+    return state.sparse_layers
 
 
 def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -294,6 +343,7 @@ __all__ = [
     "enable",
     "disable",
     "selection_report",
+    "sparse_layers_of",
     "attention_layers",
     "token_sparse_attention_forward",
 ]
