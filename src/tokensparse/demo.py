@@ -73,7 +73,7 @@ def greedy_answer(model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> t
 
 def run_demo(
     *,
-    model: str = models.EMBEDDED_NAME,
+    model: str | models.LoadedModel = models.EMBEDDED_NAME,
     length: int = 4096,
     depth: float = 0.5,
     coverage: float | None = None,
@@ -86,7 +86,8 @@ def run_demo(
     """Answer one needle prompt densely, then with Token Sparse Attention.
 
     Args:
-        model: name, hub id or path (default: the embedded SmolLM2).
+        model: name, hub id or path (default: the embedded SmolLM2), or a
+            :class:`~tokensparse.models.LoadedModel` already in memory.
         length: prompt length in tokens.
         depth: needle depth in [0, 1].
         coverage: tau; default :func:`demo_coverage` of the length.
@@ -98,8 +99,11 @@ def run_demo(
     """
     coverage = demo_coverage(length) if coverage is None else coverage
     config = TokenSparseConfig(coverage=coverage, min_tokens=min_tokens)
-    progress(f"loading {model} ...")
-    loaded = models.load(model, device=device, rope_scaling_factor=rope_scaling_factor)
+    if isinstance(model, models.LoadedModel):
+        loaded = model
+    else:
+        progress(f"loading {model} ...")
+        loaded = models.load(model, device=device, rope_scaling_factor=rope_scaling_factor)
     context = loaded.max_context
     if context and length > context:
         raise ValueError(
