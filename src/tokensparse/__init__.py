@@ -7,6 +7,7 @@ Public API:
     TokenSelection           what select_tokens returns
     enable / disable         switch a transformers model to the method and back
     selection_report         per-layer, per-head kept counts of recorded prefills
+    format_selection_report  a per-layer table of one recorded prefill
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -14,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .attention import token_sparse_attention
 from .config import TokenSparseConfig
 from .integrations.transformers import disable, enable, selection_report
+from .report import format_selection_report, summarize_selection
 from .selection import TokenSelection, select_tokens
 
 try:
@@ -29,5 +31,7 @@ __all__ = [
     "enable",
     "disable",
     "selection_report",
+    "format_selection_report",
+    "summarize_selection",
     "__version__",
 ]

@@ -35,7 +35,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2", help="model name, hub id or path (default: the embedded SmolLM2)")
     p.add_argument("--length", type=int, default=4096, help="prompt length in tokens (default 4096)")
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
-    p.add_argument("--coverage", type=float, default=None, help="coverage tau (default: chosen for the length)")
+    p.add_argument("--coverage", type=float, default=None, help="coverage tau (default 0.005)")
     p.add_argument("--min-tokens", type=int, default=1024, help="floor on kept prefix tokens per head")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--rope-scaling", type=float, default=None, help="YaRN factor for prompts past the context")
@@ -62,11 +62,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     for run in result.runs:
         verdict = "RIGHT" if run.correct else "WRONG"
         print(f"  {run.method:<12} {verdict}  prefill {run.prefill_s:6.2f} s  answer: {run.answer!r}")
-    if result.kept_share:
-        print("kept share per sparse layer (mean over heads):")
-        for layer, share in result.kept_share.items():
-            print(f"  layer {layer:>3}: {share:6.1%}")
-        print(f"  average: {sum(result.kept_share.values()) / len(result.kept_share):6.1%}")
+    if result.selection:
+        from .report import format_selection_report
+
+        print("what each sparse layer kept (share of the prompt's tokens, over heads):")
+        print(format_selection_report(result.selection))
     return 0 if all(r.correct for r in result.runs) else 1
 
 
@@ -74,14 +74,150 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (GPU for timings)")
     bench = p.add_subparsers(dest="bench", required=True)
-    del bench  # filled in by the GPU benchmarks
+
+    a = bench.add_parser("attention", help="one attention layer: dense cuDNN/flash vs token sparse, per stage")
+    a.add_argument("--lengths", type=_int_list, default=[8192, 16384, 32768, 65536, 131072],
+                   help="comma-separated sequence lengths (default 8K..128K)")
+    a.add_argument("--batch", type=_int_list, default=[1, 4], help="comma-separated batch sizes (default 1,4)")
+    a.add_argument("--max-tokens", type=int, default=262144, help="skip batch*length above this (default 256K)")
+    a.add_argument("--heads", type=int, default=None, help="query heads (default 32, Llama-3.1-8B)")
+    a.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default 8)")
+    a.add_argument("--head-dim", type=int, default=None, help="head dimension (default 128)")
+    a.add_argument("--hf-config", default=None, help="take heads, kv heads and head_dim from this transformers config")
+    a.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    a.add_argument("--keep-ratios", type=_float_list, default=[0.75, 0.5, 0.25, 0.1], help="fixed kept shares")
+    a.add_argument("--coverage", type=float, default=0.005, help="coverage tau of the coverage mode")
+    a.add_argument("--inputs", type=_str_list, default=["random", "structured"], help="inputs of the coverage mode")
+    a.add_argument("--window", type=int, default=128)
+    a.add_argument("--min-tokens", type=int, default=1024)
+    a.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="stage kernels")
+    a.add_argument("--warmup", type=int, default=1)
+    a.add_argument("--reps", type=int, default=3, help="least timed runs per measurement (median)")
+    a.add_argument("--budget-ms", type=float, default=1000.0, help="timed run time per measurement")
+    a.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    a.add_argument("--out", default="results/bench/attention.json", help="JSON output")
+    a.add_argument("--plot", default=None, help="plot file (default: next to --out, .png)")
+    a.set_defaults(run=_run_bench_attention)
+
+    f = bench.add_parser("prefill", help="time to first token of a whole model, dense vs token sparse")
+    f.add_argument("--model", default=None,
+                   help="llama-3.1-8b-random (GPU default), tiny-random, smollm2 (CPU default), or a hub id/path")
+    f.add_argument("--lengths", type=_int_list, default=None,
+                   help="comma-separated prompt lengths (default 8K,32K,128K on GPU; 1K,2K on CPU)")
+    f.add_argument("--batch", type=int, default=1)
+    f.add_argument("--keep-ratios", type=_float_list, default=[0.25], help="fixed kept shares to run")
+    f.add_argument("--coverage", type=float, default=0.005, help="coverage tau (negative: skip coverage mode)")
+    f.add_argument("--sparse-layers", type=_int_list, default=None, help="default: the second half of the layers")
+    f.add_argument("--window", type=int, default=128)
+    f.add_argument("--min-tokens", type=int, default=1024)
+    f.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    f.add_argument("--warmup", type=int, default=1)
+    f.add_argument("--reps", type=int, default=2)
+    f.add_argument("--device", default=None)
+    f.add_argument("--out", default="results/bench/prefill.json")
+    f.add_argument("--plot", default=None)
+    f.set_defaults(run=_run_bench_prefill)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _str_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def _write_json(data: dict, out: str) -> None:
+    """Write (or overwrite with a longer partial result) the benchmark JSON."""
+    import json
+    from pathlib import Path
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def _write_results(data: dict, out: str, plot: str | None, plotter: Callable[[dict, str], None]) -> str:
+    import json
+    from pathlib import Path
+
+    _write_json(data, out)
+    path = Path(out)
+    plot_path = plot or str(path.with_suffix(".png"))
+    # The plot is drawn from the JSON file just written, nothing else.
+    plotter(json.loads(path.read_text()), plot_path)
+    return plot_path
+
+
+def _run_bench_attention(args: argparse.Namespace) -> int:
+    from .bench.attention import AttentionBenchConfig, plot_attention, run_attention_bench, summary_lines
+
+    shape = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128}
+    if args.hf_config:
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(args.hf_config)
+        hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+        heads = hf.num_attention_heads
+        shape = {
+            "num_heads": heads,
+            "num_kv_heads": getattr(hf, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+        }
+    for key, value in (("num_heads", args.heads), ("num_kv_heads", args.kv_heads), ("head_dim", args.head_dim)):
+        if value is not None:
+            shape[key] = value
+    cfg = AttentionBenchConfig(
+        lengths=tuple(args.lengths), batches=tuple(args.batch), max_tokens=args.max_tokens, **shape,
+        dtype=args.dtype, keep_ratios=tuple(args.keep_ratios), coverage=args.coverage,
+        coverage_inputs=tuple(args.inputs), window=args.window, min_tokens=args.min_tokens,
+        backend=args.backend, warmup=args.warmup, min_reps=args.reps, budget_ms=args.budget_ms, device=args.device,
+    )
+    data = run_attention_bench(
+        cfg, progress=lambda msg: print(msg, flush=True), checkpoint=lambda d: _write_json(d, args.out)
+    )
+    plot_path = _write_results(data, args.out, args.plot, plot_attention)
+    print()
+    for line in summary_lines(data):
+        print(line)
+    print(f"wrote {args.out} and {plot_path}")
+    return 0
+
+
+def _run_bench_prefill(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench.prefill import PrefillBenchConfig, plot_prefill, run_prefill_bench, summary_lines
+
+    on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    lengths = args.lengths or ([8192, 32768, 131072] if on_gpu else [1024, 2048])
+    cfg = PrefillBenchConfig(
+        model=args.model, lengths=tuple(lengths), batch=args.batch, keep_ratios=tuple(args.keep_ratios),
+        coverage=args.coverage if args.coverage >= 0 else None,
+        sparse_layers=tuple(args.sparse_layers) if args.sparse_layers else None,
+        window=args.window, min_tokens=args.min_tokens, backend=args.backend,
+        warmup=args.warmup, min_reps=args.reps, device=args.device,
+    )
+    data = run_prefill_bench(
+        cfg, progress=lambda msg: print(msg, flush=True), checkpoint=lambda d: _write_json(d, args.out)
+    )
+    plot_path = _write_results(data, args.out, args.plot, plot_prefill)
+    print()
+    for line in summary_lines(data):
+        print(line)
+    print(f"wrote {args.out} and {plot_path}")
+    return 0
 
 
 # ---------------------------------------------------------------- profile
 def _add_profile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="measure per-layer drift on a calibration prompt and choose the sparse layers")
     p.add_argument("--model", default="smollm2", help="model name, hub id or path (default: the embedded SmolLM2)")
-    p.add_argument("--delta", type=float, default=0.5, help="quantile of drift at or below which layers are sparse")
+    p.add_argument("--delta", type=float, default=0.5, help="quantile of drift at or below which layers are sparse (default 0.5)")
     p.add_argument("--length", type=int, default=None,
                    help="calibration prompt length in tokens (default: 4096, or the model's context if shorter)")
     p.add_argument("--calibration", default=None, metavar="FILE",
@@ -136,7 +272,184 @@ def _run_profile(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- eval
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    del sub  # filled in by the evaluation suite
+    p = sub.add_parser("eval", help="accuracy evaluations: niah, ruler, longbench, infinitebench")
+    evals = p.add_subparsers(dest="eval", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--model", default="smollm2", help="model name, hub id, folder or .gguf file (default: the embedded SmolLM2)")
+        q.add_argument("--methods", default="dense,token_sparse",
+                       help="comma-separated method specs, e.g. 'dense,token_sparse:coverage=0.02,"
+                            "token_sparse:keep_ratio=0.5' (default: dense,token_sparse)")
+        q.add_argument("--out", default="results", help="results folder (default: results); reruns skip finished samples")
+        q.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (default 1)")
+        q.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+        q.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"), help="weight dtype")
+        q.add_argument("--rope-scaling", type=float, default=None, help="YaRN factor for lengths past the context")
+        q.add_argument("--no-chat", action="store_true", help="plain prompts without the chat template")
+        q.add_argument("--no-report", action="store_true", help="skip the report and plots after the run")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    q = evals.add_parser("niah", help="needle in a haystack on a grid of depths x lengths")
+    common(q)
+    q.add_argument("--lengths", default=None, help="comma-separated lengths in tokens (default: 8 up to the context)")
+    q.add_argument("--depths", type=int, default=10, help="number of evenly spaced depths in [0, 1] (default 10)")
+    q.add_argument("--haystack", default="essay", help="filler, essay (Python's reference prose), or a .txt file/dir")
+    q.add_argument("--needle", default=None, help="needle sentence with an {answer} field")
+    q.add_argument("--question", default=None, help="question asked after the text")
+    q.add_argument("--answer", default=None, help="fixed answer (default: a random 7-digit number per cell)")
+    q.add_argument("--max-new-tokens", type=int, default=32, help="generation budget (default 32)")
+    q.add_argument("--seed", type=int, default=42)
+    q.set_defaults(run=_run_eval_niah)
+
+    q = evals.add_parser("ruler", help="RULER synthetic tasks generated locally")
+    common(q)
+    q.add_argument("--tasks", default="synthetic",
+                   help="comma-separated tasks, 'synthetic' (all but QA) or 'all' (needs --qa-dir)")
+    q.add_argument("--lengths", default=None, help="comma-separated lengths (default: 4096,8192,... up to the context)")
+    q.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
+    q.add_argument("--haystack", default="essay", help="essay haystack: essay (Python's reference prose) or a .txt dir")
+    q.add_argument("--qa-dir", default=None, help="folder with squad.json and hotpotqa.json for qa_1/qa_2")
+    q.add_argument("--seed", type=int, default=42)
+    q.set_defaults(run=_run_eval_ruler)
+
+    for name, what in (("longbench", "LongBench"), ("infinitebench", "InfiniteBench")):
+        q = evals.add_parser(name, help=f"{what} from the official JSONL files in a local folder")
+        common(q)
+        q.add_argument("--data-dir", required=True, help=f"folder holding the {what} <task>.jsonl files")
+        q.add_argument("--tasks", required=True, help="comma-separated task names")
+        q.add_argument("--limit", type=int, default=None, help="prompt plus answer limit in tokens (default: the context)")
+        q.add_argument("--samples", type=int, default=None, help="first N records per task (default: all)")
+        if name == "longbench":
+            q.add_argument("--longbench-e", action="store_true", help="read the LongBench-E files <task>_e.jsonl")
+        q.set_defaults(run=_run_eval_bench)
+
+    r = sub.add_parser("report", help="markdown table and plots from result files")
+    r.add_argument("results", nargs="+", help="results folders (or .jsonl files)")
+    r.add_argument("--out", default=None, help="where to write report.md and plots (default: the first folder)")
+    r.add_argument("--no-plots", action="store_true", help="only the markdown and summary.json")
+    r.set_defaults(run=_run_report)
+
+
+def _csv_ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{what} is empty")
+    return values
+
+
+def _load_for_eval(args: argparse.Namespace):
+    import torch
+
+    from . import models
+    from .eval.methods import parse_methods
+
+    methods = parse_methods(args.methods)  # fail before the slow load
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    loaded = models.load(args.model, device=args.device, dtype=dtype, rope_scaling_factor=args.rope_scaling)
+    return loaded, methods
+
+
+def _execute_eval(args: argparse.Namespace, eval_name: str, loaded, methods, samples, meta: dict) -> int:
+    from .eval.results import load_records
+    from .eval.runner import run_eval
+
+    bars: dict[str, object] = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        if args.no_progress:
+            return
+        from tqdm import tqdm
+
+        if label not in bars:
+            bars[label] = tqdm(total=total, desc=f"{eval_name} {label}", file=sys.stderr, unit="sample")
+        bar = bars[label]
+        bar.n = done  # type: ignore[attr-defined]
+        bar.refresh()  # type: ignore[attr-defined]
+        if done >= total:
+            bar.close()  # type: ignore[attr-defined]
+
+    print(f"{eval_name}: {len(samples)} samples x {len(methods)} methods on {loaded.name} ({loaded.device})", file=sys.stderr)
+    runs = run_eval(loaded, eval_name, samples, methods, args.out, batch_size=args.batch_size, meta=meta, progress=progress)
+    for run in runs:
+        print(f"{run.method}: ran {run.ran}, skipped {run.skipped} finished -> {run.path}")
+    if not args.no_report:
+        from .eval.report import write_report
+
+        folder = f"{args.out}/{eval_name}"
+        written = write_report(load_records([folder]), folder)
+        print(f"report: {written['report']}")
+    return 0
+
+
+def _run_eval_niah(args: argparse.Namespace) -> int:
+    from .eval import niah
+
+    lengths = _csv_ints(args.lengths, "--lengths")
+    if args.depths < 1:
+        raise ValueError("--depths must be >= 1")
+    loaded, methods = _load_for_eval(args)
+    lengths = lengths or niah.default_lengths(loaded.max_context or 8192)
+    depths = [i / (args.depths - 1) if args.depths > 1 else 0.5 for i in range(args.depths)]
+    options = {k: v for k, v in (("needle", args.needle), ("question", args.question)) if v is not None}
+    samples = niah.grid_samples(
+        loaded.tokenizer, lengths, depths, haystack=args.haystack, answer=args.answer, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, chat=not args.no_chat, **options,
+    )
+    meta = {"lengths": lengths, "depths": depths, "haystack": args.haystack, "seed": args.seed, **options}
+    return _execute_eval(args, "niah", loaded, methods, samples, meta)
+
+
+def _run_eval_ruler(args: argparse.Namespace) -> int:
+    from .eval import ruler
+
+    tasks = {"synthetic": list(ruler.SYNTHETIC_TASKS), "all": list(ruler.ALL_TASKS)}.get(
+        args.tasks, [t.strip() for t in args.tasks.split(",") if t.strip()]
+    )
+    for task in tasks:
+        ruler.task_family(task)
+    lengths = _csv_ints(args.lengths, "--lengths")
+    loaded, methods = _load_for_eval(args)
+    if lengths is None:
+        context = loaded.max_context or 8192
+        lengths = [n for n in (4096, 8192, 16384, 32768, 65536, 131072) if n <= context] or [context]
+    options = ruler.RulerOptions(seed=args.seed, haystack=args.haystack, qa_dir=args.qa_dir, chat=not args.no_chat)
+    samples = ruler.build_samples(loaded.tokenizer, tasks, lengths, args.samples, options)
+    meta = {"tasks": tasks, "lengths": lengths, "samples": args.samples, "haystack": args.haystack, "seed": args.seed}
+    return _execute_eval(args, "ruler", loaded, methods, samples, meta)
+
+
+def _run_eval_bench(args: argparse.Namespace) -> int:
+    from .eval import infinitebench, longbench
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    module = longbench if args.eval == "longbench" else infinitebench
+    for task in tasks:
+        if task not in module.TASKS:
+            raise ValueError(f"unknown {args.eval} task {task!r}; known: {', '.join(module.TASKS)}")
+    loaded, methods = _load_for_eval(args)
+    limit = args.limit or loaded.max_context or 8192
+    extra = {"longbench_e": args.longbench_e} if args.eval == "longbench" else {}
+    samples = module.build_samples(
+        loaded.tokenizer, args.data_dir, tasks, limit=limit, num_samples=args.samples, chat=not args.no_chat, **extra
+    )
+    meta = {"tasks": tasks, "limit": limit, "data_dir": str(args.data_dir), **extra}
+    return _execute_eval(args, args.eval, loaded, methods, samples, meta)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .eval.report import write_report
+    from .eval.results import load_records
+
+    records = load_records(args.results)
+    written = write_report(records, args.out or args.results[0], plots=not args.no_plots)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
 
 
 if __name__ == "__main__":

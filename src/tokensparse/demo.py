@@ -12,7 +12,7 @@ import torch
 from . import models
 from .config import TokenSparseConfig
 from .eval.niah import build_needle_prompt, is_correct
-from .integrations.transformers import disable, enable, selection_report, sparse_layers_of
+from .integrations.transformers import LayerRecord, disable, enable, selection_report, sparse_layers_of
 
 
 @dataclass(frozen=True)
@@ -31,17 +31,12 @@ class DemoResult:
     config: TokenSparseConfig
     sparse_layers: tuple[int, ...]
     runs: list[DemoRun]
-    kept_share: dict[int, float]  # sparse layer -> mean share of tokens kept over heads
+    selection: dict[int, LayerRecord]  # what each sparse layer kept during the sparse prefill
 
-
-def demo_coverage(length: int) -> float:
-    """A coverage that drops a real share of tokens at ``length`` on the embedded model.
-
-    tau = 0.005 (the paper's default) drops about 13% of prefix tokens per sparse
-    layer at 4K and about 33% at 8K on SmolLM2-135M; shorter prompts concentrate
-    less mass on few tokens, so the demo raises tau there.
-    """
-    return 0.005 if length >= 8000 else 0.02
+    @property
+    def kept_share(self) -> dict[int, float]:
+        """Sparse layer -> share of tokens kept, averaged over heads."""
+        return {layer: record.mean_kept_share for layer, record in sorted(self.selection.items())}
 
 
 def greedy_answer(model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, float]:
@@ -90,15 +85,17 @@ def run_demo(
             :class:`~tokensparse.models.LoadedModel` already in memory.
         length: prompt length in tokens.
         depth: needle depth in [0, 1].
-        coverage: tau; default :func:`demo_coverage` of the length.
+        coverage: tau; default the paper's 0.005 (on the embedded model it drops
+            about 19% of prefix tokens per sparse layer at 4K and 34% at 8K).
         min_tokens: floor on kept prefix tokens per head.
         device: "cpu" or "cuda"; default CUDA if available.
         rope_scaling_factor: YaRN factor for prompts longer than the context.
         max_new_tokens: answer length cap.
         progress: called with a short message before each long step.
     """
-    coverage = demo_coverage(length) if coverage is None else coverage
-    config = TokenSparseConfig(coverage=coverage, min_tokens=min_tokens)
+    config = TokenSparseConfig(min_tokens=min_tokens) if coverage is None else TokenSparseConfig(
+        coverage=coverage, min_tokens=min_tokens
+    )
     if isinstance(model, models.LoadedModel):
         loaded = model
     else:
@@ -121,7 +118,7 @@ def run_demo(
 
     enable(loaded.model, config, record=True)
     try:
-        progress(f"token sparse prefill (coverage {coverage}) ...")
+        progress(f"token sparse prefill (coverage {config.coverage}) ...")
         ids, prefill_s = greedy_answer(loaded.model, input_ids, max_new_tokens)
         answer = loaded.tokenizer.decode(ids[0], skip_special_tokens=True).strip()
         runs.append(DemoRun("token_sparse", answer, is_correct(answer, prompt.expected), prefill_s))
@@ -129,7 +126,7 @@ def run_demo(
         sparse_layers = sparse_layers_of(loaded.model)
     finally:
         disable(loaded.model)
-    # The first recorded call is the prefill; decode steps never reach selection.
-    kept = {layer: rec.mean_kept_share for layer, rec in sorted(prefills[0].items())} if prefills else {}
-    return DemoResult(prompt.num_tokens, depth, prompt.expected, config, sparse_layers, runs, kept)
+    # Decode steps never reach selection, so the one recorded prefill is the prompt's.
+    selection = prefills[0] if prefills else {}
+    return DemoResult(prompt.num_tokens, depth, prompt.expected, config, sparse_layers, runs, selection)
 

@@ -236,12 +236,25 @@ def token_sparse_attention_forward(
         )
 
     layer_state = getattr(module, _STATE_ATTR, None)
-    if layer_state is None or not layer_state[1] or query.shape[2] == 1:
+    if layer_state is None or query.shape[2] == 1:
         return stock()
     state: _ModelState = layer_state[0]
     config = state.config
-    if static_dense(config, key.shape[2]):
-        return stock()
+
+    def dense() -> tuple[torch.Tensor, None]:
+        # A prefill call that drops no tokens: FlexPrefill if configured, else SDPA.
+        if config.attention != "flexprefill":
+            return stock()
+        from ..flexprefill import FlexPrefillConfig
+        from .flexprefill import flexprefill_prefill
+
+        fp_config = FlexPrefillConfig.from_token_sparse(config)
+        return flexprefill_prefill(
+            module, query, key, value, attention_mask, fp_config, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    if not layer_state[1] or static_dense(config, key.shape[2]):
+        return dense()
     reason = _unsupported_reason(module, query, key, dropout, kwargs)
     key_padding_mask = None
     if reason is None and attention_mask is not None:
@@ -264,8 +277,10 @@ def token_sparse_attention_forward(
             )
         )
     if selection.kept_idx is None:
-        return stock()
-    out = attend_selected(query, key, value, selection, scale=scaling, backend=config.backend, layout="blhd")
+        return dense()
+    out = attend_selected(
+        query, key, value, selection, scale=scaling, backend=config.backend, layout="blhd", config=config
+    )
     return out, None
 
 
