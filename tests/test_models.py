@@ -52,6 +52,9 @@ def test_needle_found_dense_and_sparse_at_2k(smollm2):
     assert [run.method for run in result.runs] == ["dense", "token_sparse"]
     for run in result.runs:
         assert run.correct, f"{run.method} answered {run.answer!r}"
+    # Generation after the sparse prefill (dense decode over the full cache)
+    # continues exactly like the dense one.
+    assert result.runs[1].answer == result.runs[0].answer
     # Tokens were really dropped, and only in the sparse layers.
     assert set(result.kept_share) == set(result.sparse_layers)
     assert min(result.kept_share.values()) < 0.95

@@ -60,10 +60,17 @@ def token_sparse_attention(
     config = _resolve_config(config, coverage=coverage, window=window, kernel_size=kernel_size, min_tokens=min_tokens)
     check_inputs(query, key, value, key_padding_mask)
     selection = select_tokens(query, key, config, scale=scale, key_padding_mask=key_padding_mask)
-    if selection.kept_idx is None:
+    if selection.kept_idx is None and config.attention == "flexprefill":
+        from .flexprefill import config_params, flexprefill_attention
+
+        out = flexprefill_attention(
+            query, key, value, scale=scale, key_padding_mask=key_padding_mask, backend=config.backend,
+            **config_params(config),
+        )
+    elif selection.kept_idx is None:
         out = dense_causal_attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask)
     else:
-        out = attend_selected(query, key, value, selection, scale=scale, backend=config.backend)
+        out = attend_selected(query, key, value, selection, scale=scale, backend=config.backend, config=config)
     return (out, selection) if return_stats else out
 
 
@@ -76,6 +83,7 @@ def attend_selected(
     scale: float | None = None,
     backend: str = "auto",
     layout: str = "bhld",
+    config: TokenSparseConfig | None = None,
 ) -> torch.Tensor:
     """Compress, attend causally on the kept tokens, decompress.
 
@@ -85,6 +93,10 @@ def attend_selected(
         scale: softmax scale, default 1 / sqrt(D).
         backend: stage kernels to use ("auto", "torch", "triton").
         layout: "bhld" returns (B, H, L, Dv); "blhd" returns (B, L, H, Dv).
+        config: only its attention settings are read: with
+            ``attention="flexprefill"`` the compressed sequences run FlexPrefill
+            (each head's pattern from its own last valid queries, see
+            :mod:`tokensparse.flexprefill`) instead of dense causal SDPA.
 
     Returns:
         The output, zero in rows a head did not keep.
@@ -92,6 +104,17 @@ def attend_selected(
     if selection.kept_idx is None:
         raise ValueError("selection.kept_idx is None (every sequence runs dense); use dense attention")
     ops = ops_for(query, backend)
+    if config is not None and config.attention == "flexprefill":
+        from .flexprefill import config_params, flexprefill_attention
+
+        q_c, k_c, v_c = ops.gather_kept(query, key, value, selection.kept_idx)
+        out_c = flexprefill_attention(
+            q_c, k_c, v_c, scale=scale, seq_lens=selection.num_kept, backend=backend, **config_params(config)
+        )
+        return ops.scatter_kept(out_c, selection.kept_idx, query.shape[2], layout)
+    if ops.attend_kept is not None:
+        # Fused path (Triton): compress, attend and decompress a few heads at a time.
+        return ops.attend_kept(query, key, value, selection.kept_idx, scale=scale, layout=layout)
     q_c, k_c, v_c = ops.gather_kept(query, key, value, selection.kept_idx)
     # Kept indices are ascending, so causal attention on the compact sequence is
     # causal attention on the original positions restricted to the kept set;

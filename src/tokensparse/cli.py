@@ -103,7 +103,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--model", default=None,
                    help="llama-3.1-8b-random (GPU default), tiny-random, smollm2 (CPU default), or a hub id/path")
     f.add_argument("--lengths", type=_int_list, default=None,
-                   help="comma-separated prompt lengths (default 8K,32K,128K on GPU; 1K,2K on CPU)")
+                   help="comma-separated prompt lengths (default 8K,32K,128K on GPU; 2K,4K on CPU)")
     f.add_argument("--batch", type=int, default=1)
     f.add_argument("--keep-ratios", type=_float_list, default=[0.25], help="fixed kept shares to run")
     f.add_argument("--coverage", type=float, default=0.005, help="coverage tau (negative: skip coverage mode)")
@@ -141,16 +141,28 @@ def _write_json(data: dict, out: str) -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
-def _write_results(data: dict, out: str, plot: str | None, plotter: Callable[[dict, str], None]) -> str:
+def _run_bench(
+    run: Callable[..., dict],
+    cfg: object,
+    args: argparse.Namespace,
+    plotter: Callable[[dict, str], None],
+    summary: Callable[[dict], list[str]],
+) -> int:
+    """Run a benchmark (JSON checkpointed to ``args.out``), write its JSON and plot, print its summary."""
     import json
     from pathlib import Path
 
-    _write_json(data, out)
-    path = Path(out)
-    plot_path = plot or str(path.with_suffix(".png"))
+    data = run(cfg, progress=lambda msg: print(msg, flush=True), checkpoint=lambda d: _write_json(d, args.out))
+    _write_json(data, args.out)
+    path = Path(args.out)
+    plot_path = args.plot or str(path.with_suffix(".png"))
     # The plot is drawn from the JSON file just written, nothing else.
     plotter(json.loads(path.read_text()), plot_path)
-    return plot_path
+    print()
+    for line in summary(data):
+        print(line)
+    print(f"wrote {args.out} and {plot_path}")
+    return 0
 
 
 def _run_bench_attention(args: argparse.Namespace) -> int:
@@ -160,8 +172,7 @@ def _run_bench_attention(args: argparse.Namespace) -> int:
     if args.hf_config:
         from transformers import AutoConfig
 
-        hf = AutoConfig.from_pretrained(args.hf_config)
-        hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+        hf = AutoConfig.from_pretrained(args.hf_config).get_text_config()
         heads = hf.num_attention_heads
         shape = {
             "num_heads": heads,
@@ -177,15 +188,7 @@ def _run_bench_attention(args: argparse.Namespace) -> int:
         coverage_inputs=tuple(args.inputs), window=args.window, min_tokens=args.min_tokens,
         backend=args.backend, warmup=args.warmup, min_reps=args.reps, budget_ms=args.budget_ms, device=args.device,
     )
-    data = run_attention_bench(
-        cfg, progress=lambda msg: print(msg, flush=True), checkpoint=lambda d: _write_json(d, args.out)
-    )
-    plot_path = _write_results(data, args.out, args.plot, plot_attention)
-    print()
-    for line in summary_lines(data):
-        print(line)
-    print(f"wrote {args.out} and {plot_path}")
-    return 0
+    return _run_bench(run_attention_bench, cfg, args, plot_attention, summary_lines)
 
 
 def _run_bench_prefill(args: argparse.Namespace) -> int:
@@ -194,7 +197,7 @@ def _run_bench_prefill(args: argparse.Namespace) -> int:
     from .bench.prefill import PrefillBenchConfig, plot_prefill, run_prefill_bench, summary_lines
 
     on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    lengths = args.lengths or ([8192, 32768, 131072] if on_gpu else [1024, 2048])
+    lengths = args.lengths or ([8192, 32768, 131072] if on_gpu else [2048, 4096])
     cfg = PrefillBenchConfig(
         model=args.model, lengths=tuple(lengths), batch=args.batch, keep_ratios=tuple(args.keep_ratios),
         coverage=args.coverage if args.coverage >= 0 else None,
@@ -202,15 +205,7 @@ def _run_bench_prefill(args: argparse.Namespace) -> int:
         window=args.window, min_tokens=args.min_tokens, backend=args.backend,
         warmup=args.warmup, min_reps=args.reps, device=args.device,
     )
-    data = run_prefill_bench(
-        cfg, progress=lambda msg: print(msg, flush=True), checkpoint=lambda d: _write_json(d, args.out)
-    )
-    plot_path = _write_results(data, args.out, args.plot, plot_prefill)
-    print()
-    for line in summary_lines(data):
-        print(line)
-    print(f"wrote {args.out} and {plot_path}")
-    return 0
+    return _run_bench(run_prefill_bench, cfg, args, plot_prefill, summary_lines)
 
 
 # ---------------------------------------------------------------- profile
@@ -411,7 +406,8 @@ def _run_eval_ruler(args: argparse.Namespace) -> int:
         args.tasks, [t.strip() for t in args.tasks.split(",") if t.strip()]
     )
     for task in tasks:
-        ruler.task_family(task)
+        if ruler.task_family(task) == "qa":
+            ruler.qa_path(task, args.qa_dir)  # fail before the slow model load
     lengths = _csv_ints(args.lengths, "--lengths")
     loaded, methods = _load_for_eval(args)
     if lengths is None:
@@ -431,6 +427,9 @@ def _run_eval_bench(args: argparse.Namespace) -> int:
     for task in tasks:
         if task not in module.TASKS:
             raise ValueError(f"unknown {args.eval} task {task!r}; known: {', '.join(module.TASKS)}")
+        path = module.data_file(args.data_dir, task, e=True) if getattr(args, "longbench_e", False) else module.data_file(args.data_dir, task)
+        if not path.is_file():  # fail before the slow model load
+            raise FileNotFoundError(f"{args.eval} {task}: expected the data file {path} ({module.DOWNLOAD_HINT})")
     loaded, methods = _load_for_eval(args)
     limit = args.limit or loaded.max_context or 8192
     extra = {"longbench_e": args.longbench_e} if args.eval == "longbench" else {}

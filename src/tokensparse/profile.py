@@ -275,10 +275,9 @@ def calibration_ids(tokenizer: Any, length: int, text: str | None = None) -> tor
 # ---------------------------------------------------------------- drift
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder layers, in order: the ModuleList whose i-th element holds layer i's attention."""
-    attention = [
-        m for m in model.modules()
-        if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "num_key_value_groups")
-    ]
+    from .integrations.transformers import attention_layers
+
+    attention = attention_layers(model)
     if not attention:
         raise ValueError("model has no attention modules with a layer_idx; is it a transformers decoder model?")
     indices = sorted({m.layer_idx for m in attention})
@@ -287,7 +286,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
             continue
         found = True
         for i, layer in enumerate(container):
-            if not any(getattr(m, "layer_idx", None) == i and hasattr(m, "num_key_value_groups") for m in layer.modules()):
+            if not any(m.layer_idx == i for m in attention_layers(layer)):
                 found = False
                 break
         if found:

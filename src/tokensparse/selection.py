@@ -12,6 +12,7 @@ With left padding the last ``window`` positions are real tokens; the prefix
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,9 @@ def smooth_scores(mass: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return F.avg_pool1d(mass, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
 
 
+_RATIO_SLACK = 1.0 - 1e-12
+
+
 def token_budget(
     scores: torch.Tensor, prefix_lens: torch.Tensor, config: TokenSparseConfig
 ) -> torch.Tensor:
@@ -106,7 +110,9 @@ def token_budget(
         keep = torch.where(below > 0, lens[:, None] - (below + 1), lens[:, None])
         keep = keep.expand(batch, num_heads)
     elif config.budget == "keep_ratio":
-        keep = torch.ceil(lens.double() * config.keep_ratio).long()[:, None].expand(batch, num_heads)
+        # A relative slack of 1e-12 keeps products that are whole in decimal
+        # (100 * 0.55 = 55.000000000000007 in float64) from rounding up by one.
+        keep = torch.ceil(lens.double() * config.keep_ratio * _RATIO_SLACK).long()[:, None].expand(batch, num_heads)
     else:  # keep_tokens
         keep = torch.full((batch, num_heads), config.keep_tokens, device=scores.device, dtype=torch.long)
 
@@ -119,7 +125,12 @@ def token_budget(
 
 
 def top_k_per_head(
-    scores: torch.Tensor, keep: torch.Tensor, seq_lens: torch.Tensor, window: int
+    scores: torch.Tensor,
+    keep: torch.Tensor,
+    seq_lens: torch.Tensor,
+    window: int,
+    *,
+    max_keep: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each head's top-``keep`` prefix positions by its own score, plus the window.
 
@@ -131,6 +142,8 @@ def top_k_per_head(
         keep: (B, H) int64 prefix tokens to keep per head.
         seq_lens: (B,) int64 real tokens per sequence (left padding).
         window: W.
+        max_keep: ``int(keep.max())`` when the caller knows it on the host;
+            otherwise it is read from the device (one host sync).
 
     Returns:
         kept_idx: (B, H, max(keep) + W) int64 ascending positions, padded with L.
@@ -142,7 +155,8 @@ def top_k_per_head(
     positions = torch.arange(prefix, device=scores.device)
     is_pad = positions[None, :] < pad[:, None]  # (B, P)
     ranked = scores.masked_fill(is_pad[:, None, :], float("-inf"))
-    max_keep = int(keep.max())  # sizes the compact tensors: one host sync per call
+    if max_keep is None:
+        max_keep = int(keep.max())  # sizes the compact tensors: one host sync per call
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :max_keep]
     rank = torch.arange(max_keep, device=scores.device)
     prefix_idx = torch.where(rank[None, None, :] < keep[..., None], order, seq_len)
@@ -198,15 +212,44 @@ def select_tokens(
         scores = scores.masked_fill(~key_padding_mask[:, None, : seq_len - window], 0.0)
     keep = token_budget(scores, prefix_lens, config)
     dense = (keep == prefix_lens[:, None]).all(dim=1)
-    if bool(dense.all()):
+    max_keep = _host_max_keep(config, seq_len, key_padding_mask)
+    if max_keep is None:
+        # The budget depends on the scores: read its maximum and whether every
+        # sequence runs dense in one host sync (the compact tensors' size).
+        max_keep, all_dense = torch.stack([keep.max(), dense.all().long()]).tolist()
+    else:
+        all_dense = max_keep == seq_len - window
+    if all_dense:
         return _dense_selection(seq_lens, num_heads, seq_len)
 
-    kept_idx, num_kept = top_k_per_head(scores, keep, seq_lens, window)
+    top_k = ops.top_k or top_k_per_head
+    kept_idx, num_kept = top_k(scores, keep, seq_lens, window, max_keep=max_keep)
     # Mass on kept prefix tokens; padding entries point past the prefix and read 0.
     prefix_padded = F.pad(prefix_mass, (0, 1))
     kept_prefix = torch.gather(prefix_padded, 2, kept_idx.clamp(max=seq_len - window))
     dropped = (prefix_mass.sum(-1) - kept_prefix.sum(-1)).clamp(min=0).float()
     return TokenSelection(kept_idx, num_kept, seq_lens, dense, dropped, seq_len)
+
+
+def _host_max_keep(config: TokenSparseConfig, seq_len: int, key_padding_mask: torch.Tensor | None) -> int | None:
+    """``max(keep)`` computed on the host, where the budget does not depend on the scores.
+
+    Fixed budgets (``keep_ratio``, ``keep_tokens``) without padding give every
+    head the same count, a function of L alone; :func:`token_budget` computes
+    the same value on the device. ``None`` where only the device knows.
+    """
+    if key_padding_mask is not None or config.budget not in ("keep_ratio", "keep_tokens"):
+        return None
+    prefix = max(seq_len - config.window, 0)
+    if prefix <= config.min_tokens:
+        return prefix
+    if config.budget == "keep_ratio":
+        keep = math.ceil(prefix * config.keep_ratio * _RATIO_SLACK)  # the same float64 product as token_budget
+    else:
+        keep = config.keep_tokens
+    if config.max_tokens is not None:
+        keep = min(keep, config.max_tokens)
+    return min(max(keep, config.min_tokens), prefix)
 
 
 def _dense_selection(seq_lens: torch.Tensor, num_heads: int, seq_len: int) -> TokenSelection:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -112,11 +112,7 @@ def enable(
     config = TokenSparseConfig() if config is None else config
     if not isinstance(config, TokenSparseConfig):
         raise ValueError(f"config must be a TokenSparseConfig, got {type(config).__name__}")
-    if not hasattr(model, "set_attn_implementation"):
-        raise ValueError("model must be a transformers PreTrainedModel (it has no set_attn_implementation)")
-    layers = attention_layers(model)
-    if not layers:
-        raise ValueError("model has no attention modules with a layer_idx; is it a transformers decoder model?")
+    layers = _attention_layers_checked(model)
     num_layers = _num_hidden_layers(model, layers)
     sparse_layers = config.sparse_layers
     if sparse_layers is None:
@@ -127,14 +123,14 @@ def enable(
     if bad:
         raise ValueError(f"config.sparse_layers has indices {bad} beyond the model's {num_layers} layers")
 
-    _register()
     previous = getattr(model, _MODEL_ATTR, None)
     previous_attn = previous.previous_attn if previous else model.config._attn_implementation
     state = _ModelState(config, tuple(sparse_layers), previous_attn or "sdpa", record)
-    for module in layers:
-        setattr(module, _STATE_ATTR, (state, module.layer_idx in state.sparse_layers))
-    setattr(model, _MODEL_ATTR, state)
-    model.set_attn_implementation(ATTN_NAME)
+    _attach(
+        model, layers, name=ATTN_NAME, forward=token_sparse_attention_forward,
+        layer_attr=_STATE_ATTR, layer_state=lambda m: (state, m.layer_idx in state.sparse_layers),
+        model_attr=_MODEL_ATTR, model_state=state,
+    )
     return model
 
 
@@ -172,12 +168,7 @@ def disable(model: torch.nn.Module) -> torch.nn.Module:
     state = getattr(model, _MODEL_ATTR, None)
     if state is None:
         return model
-    for module in attention_layers(model):
-        if hasattr(module, _STATE_ATTR):
-            delattr(module, _STATE_ATTR)
-    delattr(model, _MODEL_ATTR)
-    model.set_attn_implementation(state.previous_attn)
-    return model
+    return _detach(model, layer_attr=_STATE_ATTR, model_attr=_MODEL_ATTR, previous_attn=state.previous_attn)
 
 
 def selection_report(model: torch.nn.Module, *, clear: bool = False) -> list[dict[int, LayerRecord]]:
@@ -228,12 +219,9 @@ def token_sparse_attention_forward(
     query (B, H, Lq, D), key/value (B, Hkv, Lk, D) after the cache update;
     returns ((B, Lq, H, Dv), None) as transformers expects.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def stock() -> tuple[torch.Tensor, None]:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return _stock(module, query, key, value, attention_mask, dropout, scaling, kwargs)
 
     layer_state = getattr(module, _STATE_ATTR, None)
     if layer_state is None or query.shape[2] == 1:
@@ -255,12 +243,7 @@ def token_sparse_attention_forward(
 
     if not layer_state[1] or static_dense(config, key.shape[2]):
         return dense()
-    reason = _unsupported_reason(module, query, key, dropout, kwargs)
-    key_padding_mask = None
-    if reason is None and attention_mask is not None:
-        key_padding_mask = _left_padding_from_mask(attention_mask, query.shape[2])
-        if key_padding_mask is None:
-            reason = "the attention mask is not causal with left padding (packed sequences or a custom mask)"
+    key_padding_mask, reason = _prefill_guard(module, query, key, attention_mask, dropout, kwargs)
     if reason is not None:
         _warn_once(reason + ": running dense SDPA")
         return stock()
@@ -282,6 +265,29 @@ def token_sparse_attention_forward(
         query, key, value, selection, scale=scaling, backend=config.backend, layout="blhd", config=config
     )
     return out, None
+
+
+def _prefill_guard(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor | None, str | None]:
+    """(key_padding_mask, reason) of a prefill call.
+
+    ``reason`` says why the call must run stock SDPA (None when the sparse path
+    applies); ``key_padding_mask`` is the (B, L) bool left padding read from
+    ``attention_mask`` (None without a mask, or when ``reason`` is set).
+    """
+    reason = _unsupported_reason(module, query, key, dropout, kwargs)
+    if reason is not None or attention_mask is None:
+        return None, reason
+    key_padding_mask = _left_padding_from_mask(attention_mask, query.shape[2])
+    if key_padding_mask is None:
+        return None, "the attention mask is not causal with left padding (packed sequences or a custom mask)"
+    return key_padding_mask, None
 
 
 def _unsupported_reason(
@@ -326,18 +332,69 @@ def _left_padding_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch
     return real
 
 
-def _register() -> None:
+def _stock(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, None]:
+    """transformers' stock SDPA attention function on the same call."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _attention_layers_checked(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """:func:`attention_layers` of a model that can switch attention implementation, or ValueError."""
+    if not hasattr(model, "set_attn_implementation"):
+        raise ValueError("model must be a transformers PreTrainedModel (it has no set_attn_implementation)")
+    layers = attention_layers(model)
+    if not layers:
+        raise ValueError("model has no attention modules with a layer_idx; is it a transformers decoder model?")
+    return layers
+
+
+def _attach(
+    model: torch.nn.Module,
+    layers: list[torch.nn.Module],
+    *,
+    name: str,
+    forward: Callable[..., tuple[torch.Tensor, None]],
+    layer_attr: str,
+    layer_state: Callable[[torch.nn.Module], Any],
+    model_attr: str,
+    model_state: Any,
+) -> None:
+    """Register ``forward`` as attention ``name``, store the states and switch ``model`` to it."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTN_NAME, token_sparse_attention_forward)
+    AttentionInterface.register(name, forward)
     # Without a registered mask builder, transformers passes attention_mask=None
     # to unknown implementations and left padding would be silently lost.
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    for module in layers:
+        setattr(module, layer_attr, layer_state(module))
+    setattr(model, model_attr, model_state)
+    model.set_attn_implementation(name)
+
+
+def _detach(model: torch.nn.Module, *, layer_attr: str, model_attr: str, previous_attn: str) -> torch.nn.Module:
+    """Undo :func:`_attach`: drop the states and switch ``model`` back to ``previous_attn``."""
+    for module in attention_layers(model):
+        if hasattr(module, layer_attr):
+            delattr(module, layer_attr)
+    delattr(model, model_attr)
+    model.set_attn_implementation(previous_attn)
+    return model
 
 
 def _num_hidden_layers(model: torch.nn.Module, layers: list[torch.nn.Module]) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = model.config.get_text_config()
     return getattr(config, "num_hidden_layers", None) or (max(m.layer_idx for m in layers) + 1)
 
 

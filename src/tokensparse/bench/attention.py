@@ -1,0 +1,380 @@
+"""One attention layer: dense cuDNN / flash against Token Sparse Attention, stage by stage.
+
+For every batch size and length: dense causal SDPA on all tokens with each
+backend that accepts the inputs, then Token Sparse Attention at fixed kept
+shares (``keep_ratio`` budgets) and in coverage mode (on random inputs and on
+inputs with attention sinks, a local band and heavy tokens, where coverage
+really drops tokens). Every stage is timed on its own (score, budget + top-k,
+gather, dense attention on the kept tokens, scatter) and the whole op end to
+end; speedups are ratios of times measured in the same run. Results are a
+JSON-ready dict; :func:`plot_attention` draws from that dict only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..attention import token_sparse_attention
+from ..config import TokenSparseConfig
+from ..kernels import ops_for, sdpa
+from ..selection import select_tokens, smooth_scores, token_budget
+from .timing import machine_info, peak_memory, time_fn
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class AttentionBenchConfig:
+    """What to run. Defaults: Llama-3.1-8B attention shapes, 8K-128K, batch 1 and 4."""
+
+    lengths: tuple[int, ...] = (8192, 16384, 32768, 65536, 131072)
+    batches: tuple[int, ...] = (1, 4)
+    max_tokens: int = 262144  # skip (batch, length) pairs with batch * length above this
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    dtype: str = "bfloat16"
+    keep_ratios: tuple[float, ...] = (0.75, 0.5, 0.25, 0.1)
+    coverage: float = 0.005
+    coverage_inputs: tuple[str, ...] = ("random", "structured")
+    window: int = 128
+    min_tokens: int = 1024
+    dense_backends: tuple[str, ...] = ("cudnn", "flash")
+    backend: str = "auto"
+    warmup: int = 1
+    min_reps: int = 3
+    budget_ms: float = 1000.0
+    seed: int = 0
+    device: str | None = None
+
+
+def flops_causal(batch_heads: int, length: int, head_dim: int) -> float:
+    """Matmul FLOPs of causal attention: QK^T and PV over the lower triangle."""
+    return 4.0 * batch_heads * head_dim * length * (length + 1) / 2
+
+
+def make_inputs(
+    kind: str,
+    batch: int,
+    num_heads: int,
+    num_kv_heads: int,
+    length: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-zero random q (B, H, L, D), k and v (B, Hkv, L, D).
+
+    ``random``: standard normal entries. ``structured``: logits with a long tail,
+    and every query shares a direction with 4 attention-sink keys at the start,
+    32 heavy keys spread over the prefix and a local band of 1024 keys at the
+    end, as long-context attention looks, so the coverage budget drops tokens
+    (more of them at shorter lengths, where the tail holds less mass; on the
+    H200 bench coverage 0.005 kept 14% at 8K, 59% at 32K, 61% at 128K).
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(batch, num_heads, length, head_dim, generator=g, device=device, dtype=torch.float32)
+    k = torch.randn(batch, num_kv_heads, length, head_dim, generator=g, device=device, dtype=torch.float32)
+    v = torch.randn(batch, num_kv_heads, length, head_dim, generator=g, device=device, dtype=torch.float32)
+    if kind == "structured":
+        u = torch.randn(num_kv_heads, head_dim, generator=g, device=device)
+        u = u / u.norm(dim=-1, keepdim=True)
+        group = num_heads // num_kv_heads
+        root_d = math.sqrt(head_dim)
+        # A key's extra logit along the shared direction u is q_gain * gain / sqrt(D):
+        # a per-key random bias (spread 2: a long tail of weak tokens, the same
+        # for every query, as real keys have), attention sinks, heavy tokens and
+        # a local band.
+        q_gain = 4.0
+        u_q = u.repeat_interleave(group, dim=0)[None, :, None, :]
+        q = q - (q * u_q).sum(-1, keepdim=True) * u_q + q_gain * u_q  # q . u == q_gain
+
+        def boost(positions: torch.Tensor, logit: torch.Tensor | float) -> None:
+            gain = torch.as_tensor(logit, device=device, dtype=torch.float32).reshape(1, 1, -1, 1)
+            k[:, :, positions] += gain * (root_d / q_gain) * u[None, :, None, :]
+
+        boost(torch.arange(length, device=device), 2.0 * torch.randn(length, generator=g, device=device))
+        boost(torch.arange(min(4, length), device=device), 12.0)  # attention sinks
+        boost(torch.randint(0, max(length - 1, 1), (32,), generator=g, device=device), 9.5)  # heavy tokens
+        boost(torch.arange(max(length - 1024, 0), length, device=device), 5.0)  # local band
+    elif kind != "random":
+        raise ValueError(f"input kind must be 'random' or 'structured', got {kind!r}")
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def dense_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Callable[[], Any], str]:
+    """A callable running dense causal SDPA with ``backend``, and how GQA is handled.
+
+    Tries SDPA's ``enable_gqa``; if the backend refuses it, K/V are repeated to H
+    heads once, outside the timed call (so the dense time is the kernel alone).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    try:
+        sdpa.sdpa_with(backend, q[:, :, :256], k[:, :, :256], v[:, :, :256], is_causal=True, enable_gqa=gqa)
+        return (lambda: sdpa.sdpa_with(backend, q, k, v, is_causal=True, enable_gqa=gqa)), ("enable_gqa" if gqa else "mha")
+    except RuntimeError:
+        if not gqa:
+            raise
+    group = q.shape[1] // k.shape[1]
+    k_rep = k.repeat_interleave(group, dim=1)
+    v_rep = v.repeat_interleave(group, dim=1)
+    sdpa.sdpa_with(backend, q[:, :, :256], k_rep[:, :, :256], v_rep[:, :, :256], is_causal=True)
+    return (lambda: sdpa.sdpa_with(backend, q, k_rep, v_rep, is_causal=True)), "repeated_kv"
+
+
+def _bench_dense(cfg: AttentionBenchConfig, q, k, v, device) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    batch, heads, length, dim = q.shape
+    for name in cfg.dense_backends if device.type == "cuda" else ("default",):
+        try:
+            fn, gqa_mode = dense_attention(name, q, k, v)
+        except RuntimeError as err:
+            results[name] = {"available": False, "error": str(err).splitlines()[0][:200]}
+            continue
+        t = time_fn(fn, device, warmup=cfg.warmup, min_reps=cfg.min_reps, budget_ms=cfg.budget_ms)
+        mem = peak_memory(fn, device)
+        results[name] = {
+            "available": True,
+            "gqa": gqa_mode,
+            "time": t.to_dict(),
+            "ms": t.median_ms,
+            "tflops": flops_causal(batch * heads, length, dim) / (t.median_ms * 1e-3) / 1e12,
+            "memory": mem,
+        }
+    return results
+
+
+def _bench_sparse(
+    cfg: AttentionBenchConfig, config: TokenSparseConfig, q, k, v, device, dense: dict[str, Any]
+) -> dict[str, Any]:
+    batch, heads, length, dim = q.shape
+    timing = dict(warmup=cfg.warmup, min_reps=cfg.min_reps, budget_ms=cfg.budget_ms)
+    ops = ops_for(q, config.backend)
+    window = config.window
+
+    def run_all():
+        return token_sparse_attention(q, k, v, config=config)
+
+    selection = select_tokens(q, k, config)
+    entry: dict[str, Any] = {"stages_ms": {}}
+    if selection.kept_idx is None:
+        entry["dense_fallback"] = True
+        entry["kept_share"] = 1.0
+    else:
+        entry["dense_fallback"] = False
+        entry["kept_share"] = float(selection.kept_share.mean())
+        entry["kept_width"] = int(selection.kept_idx.shape[-1])
+        entry["max_dropped_mass"] = float(selection.dropped_mass.max())
+
+    stages = entry["stages_ms"]
+    stages["score"] = time_fn(lambda: ops.window_mass(q, k, window, None, None), device, **timing).median_ms
+    stages["select"] = time_fn(lambda: select_tokens(q, k, config), device, **timing).median_ms
+    if selection.kept_idx is not None:
+        mass = ops.window_mass(q, k, window, None, None)
+        scores = smooth_scores(mass[..., : length - window], config.kernel_size).contiguous()
+        prefix_lens = torch.full((batch,), length - window, device=q.device, dtype=torch.long)
+        keep = token_budget(scores, prefix_lens, config)
+        stages["budget"] = time_fn(lambda: token_budget(scores, prefix_lens, config), device, **timing).median_ms
+        seq_lens = torch.full((batch,), length, device=q.device, dtype=torch.long)
+        max_keep = entry["kept_width"] - window
+        if ops.top_k is not None:
+            stages["top_k"] = time_fn(
+                lambda: ops.top_k(scores, keep, seq_lens, window, max_keep=max_keep), device, **timing
+            ).median_ms
+        idx = selection.kept_idx
+        stages["gather"] = time_fn(lambda: ops.gather_kept(q, k, v, idx), device, **timing).median_ms
+        q_c, k_c, v_c = ops.gather_kept(q, k, v, idx)
+        kept_attention = {}
+        for name in cfg.dense_backends if device.type == "cuda" else ("default",):
+            try:
+                sdpa.causal_attention(q_c[:, :1, :256], k_c[:, :1, :256], v_c[:, :1, :256], backend=name)
+            except RuntimeError:
+                continue
+            kept_attention[name] = time_fn(
+                lambda: sdpa.causal_attention(q_c, k_c, v_c, backend=name), device, **timing
+            ).median_ms
+        sdpa.causal_attention(q_c, k_c, v_c)  # the automatic choice, as the op uses it
+        entry["attend_backend"] = sdpa.last_backend()
+        entry["attend_ms_by_backend"] = kept_attention
+        stages["attend"] = kept_attention.get(entry["attend_backend"], min(kept_attention.values()))
+        out_c = sdpa.causal_attention(q_c, k_c, v_c)
+        del q_c, k_c, v_c
+        stages["scatter"] = time_fn(lambda: ops.scatter_kept(out_c, idx, length, "bhld"), device, **timing).median_ms
+        del out_c
+        kept_flops = sum(
+            flops_causal(1, int(n), dim) for n in selection.num_kept.flatten().tolist()
+        )
+        width_flops = flops_causal(batch * heads, entry["kept_width"], dim)
+        entry["attend_tflops"] = width_flops / (stages["attend"] * 1e-3) / 1e12
+        entry["kept_flops"] = kept_flops
+
+    total = time_fn(run_all, device, **timing)
+    entry["total"] = total.to_dict()
+    entry["total_ms"] = total.median_ms
+    entry["memory"] = peak_memory(run_all, device)
+    if "attend" in stages:
+        entry["overhead_ms"] = total.median_ms - stages["attend"]
+        entry["total_over_attend"] = total.median_ms / stages["attend"]
+        entry["effective_tflops"] = entry["kept_flops"] / (total.median_ms * 1e-3) / 1e12
+    entry["ideal_speedup"] = 1.0 / entry["kept_share"] ** 2
+    for name, d in dense.items():
+        if d.get("available"):
+            entry[f"speedup_vs_{name}"] = d["ms"] / total.median_ms
+            if entry.get("memory") and d.get("memory"):
+                entry[f"memory_over_{name}"] = entry["memory"]["peak_bytes"] / d["memory"]["peak_bytes"]
+    return entry
+
+
+def run_attention_bench(
+    cfg: AttentionBenchConfig,
+    progress: Callable[[str], None] | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"meta": ..., "config": ..., "results": [...]}``.
+
+    ``checkpoint`` receives the partial result after every (batch, length).
+    """
+    say = progress or (lambda msg: None)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[cfg.dtype]
+    base = TokenSparseConfig(
+        coverage=cfg.coverage, window=cfg.window, min_tokens=cfg.min_tokens, backend=cfg.backend
+    )
+    meta = machine_info(device)
+    meta["stage_backend"] = ops_for(torch.empty(0, device=device), cfg.backend).name
+    results = []
+    for batch in cfg.batches:
+        for length in cfg.lengths:
+            if batch * length > cfg.max_tokens:
+                continue
+            say(f"batch {batch}, length {length}")
+            q, k, v = make_inputs(
+                "random", batch, cfg.num_heads, cfg.num_kv_heads, length, cfg.head_dim, dtype, device, cfg.seed
+            )
+            row: dict[str, Any] = {"batch": batch, "seq_len": length, "sparse": []}
+            row["dense"] = _bench_dense(cfg, q, k, v, device)
+            for name, d in row["dense"].items():
+                if d.get("available"):
+                    say(f"  dense {name:<8} {d['ms']:9.3f} ms  {d['tflops']:6.1f} TFLOP/s  gqa={d['gqa']}")
+            modes: list[tuple[str, TokenSparseConfig, str]] = [
+                (f"keep {r:g}", base.replace(budget="keep_ratio", keep_ratio=r), "random") for r in cfg.keep_ratios
+            ]
+            modes += [(f"coverage {cfg.coverage:g} ({kind})", base, kind) for kind in cfg.coverage_inputs]
+            for label, config, kind in modes:
+                if kind != "random":
+                    q, k, v = make_inputs(
+                        kind, batch, cfg.num_heads, cfg.num_kv_heads, length, cfg.head_dim, dtype, device, cfg.seed
+                    )
+                entry = _bench_sparse(cfg, config, q, k, v, device, row["dense"])
+                entry.update(label=label, budget=config.budget, keep_ratio=config.keep_ratio, inputs=kind)
+                row["sparse"].append(entry)
+                speed = {n: entry.get(f"speedup_vs_{n}") for n in row["dense"]}
+                say(
+                    f"  {label:<28} kept {entry['kept_share']:6.1%}  total {entry['total_ms']:9.3f} ms  "
+                    + "  ".join(f"x{v:.2f} vs {n}" for n, v in speed.items() if v)
+                )
+            # Dense baselines of the structured inputs are not re-timed: dense cost
+            # does not depend on the values.
+            results.append(row)
+            if checkpoint is not None:
+                checkpoint({"meta": meta, "config": asdict(cfg), "results": results})
+            del q, k, v
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if meta["stage_backend"] == "triton":
+        from ..kernels.window_mass import picked_configs
+
+        meta["window_mass_launch"] = picked_configs()
+    meta["chunking"] = "heads per chunk: kernels.pipeline.heads_per_chunk (default budget)"
+    return {"meta": meta, "config": asdict(cfg), "results": results}
+
+
+# ---------------------------------------------------------------- plot
+def plot_attention(data: dict[str, Any], path: str) -> None:
+    """Stage times at the longest batch-1 length, and speedup against kept share vs 1/share^2."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["results"] if r["batch"] == min(x["batch"] for x in data["results"])]
+    if not rows:
+        return
+    longest = max(rows, key=lambda r: r["seq_len"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+
+    # -- time per stage, outside the dense kernel on the kept tokens --
+    stage_names = ["score", "budget", "top_k", "gather", "scatter"]
+    entries = [e for e in longest["sparse"] if "attend" in e["stages_ms"]]
+    labels = [f"{e['label']}\n({e['kept_share']:.0%} kept)" for e in entries]
+    bottoms = [0.0] * len(entries)
+    for stage in stage_names + ["rest"]:
+        if stage == "rest":  # head chunking, launches, dropped-mass bookkeeping
+            values = [
+                max(e["total_ms"] - e["stages_ms"]["attend"] - sum(e["stages_ms"].get(x, 0.0) for x in stage_names), 0.0)
+                for e in entries
+            ]
+        else:
+            values = [e["stages_ms"].get(stage, 0.0) for e in entries]
+        ax1.bar(range(len(entries)), values, bottom=bottoms, label=stage)
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    for i, e in enumerate(entries):
+        ax1.text(i, bottoms[i], f"total {e['total_ms']:.1f}\nattend {e['stages_ms']['attend']:.1f}",
+                 ha="center", va="bottom", fontsize=6)
+    ax1.set_xticks(range(len(entries)), labels, rotation=60, ha="right", fontsize=7)
+    ax1.set_ylabel("ms (median) besides the dense kernel on kept tokens")
+    dense_txt = ", ".join(f"{n} {d['ms']:.1f} ms" for n, d in longest["dense"].items() if d.get("available"))
+    ax1.set_title(f"batch {longest['batch']}, L={longest['seq_len']}; dense: {dense_txt}", fontsize=9)
+    ax1.legend(fontsize=7)
+
+    # -- speedup vs kept share --
+    shares = [i / 100 for i in range(5, 101)]
+    ax2.plot(shares, [1 / s**2 for s in shares], "k--", label="ideal 1/share^2")
+    for r in rows:
+        for dense_name in ("cudnn", "flash", "default"):
+            pts = [
+                (e["kept_share"], e[f"speedup_vs_{dense_name}"])
+                for e in r["sparse"]
+                if e.get(f"speedup_vs_{dense_name}") and e["budget"] == "keep_ratio"
+            ]
+            if pts:
+                pts.sort()
+                ax2.plot(*zip(*pts), "o-", label=f"L={r['seq_len']} vs {dense_name}")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("kept share")
+    ax2.set_ylabel("speedup over dense (same run)")
+    ax2.set_title("speedup vs kept share")
+    ax2.legend(fontsize=6, ncol=2)
+    meta = data.get("meta", {})
+    fig.suptitle(f"{meta.get('gpu', meta.get('device'))}, torch {meta.get('torch')}, triton {meta.get('triton')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_lines(data: dict[str, Any]) -> list[str]:
+    """A short text table of the results."""
+    lines = []
+    for r in data["results"]:
+        dense = "  ".join(f"{n} {d['ms']:.2f} ms" for n, d in r["dense"].items() if d.get("available"))
+        lines.append(f"B={r['batch']} L={r['seq_len']}: dense {dense}")
+        for e in r["sparse"]:
+            st = e["stages_ms"]
+            over = e.get("overhead_ms")
+            lines.append(
+                f"  {e['label']:<28} kept {e['kept_share']:6.1%} total {e['total_ms']:8.2f} ms"
+                f" attend {st.get('attend', float('nan')):8.2f} ({e.get('attend_backend', '-')})"
+                f" overhead {over if over is not None else float('nan'):6.2f} ms"
+                f" x{e.get('speedup_vs_cudnn', e.get('speedup_vs_default', float('nan'))):.2f}"
+                f" mem x{e.get('memory_over_cudnn', float('nan')):.2f}"
+            )
+    return lines

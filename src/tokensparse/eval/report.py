@@ -1,0 +1,308 @@
+"""Tables and plots from result files only.
+
+:func:`summarize` aggregates records (from :func:`tokensparse.eval.results.load_records`)
+per eval, task, length and method; :func:`write_report` writes ``report.md``,
+``summary.json`` and the plots:
+
+- ``accuracy_<eval>.png``: score per task, one panel per length, one bar per method;
+- ``niah_<task>.png``: NIAH heatmaps, depth x length, one panel per method;
+- ``tradeoff_<eval>.png``: average score against prefill seconds per sample and
+  against the kept share of prefix tokens, one point per method and length,
+  dense as the reference.
+
+Scores are shown in points (0-100).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+DENSE = "dense"
+NIAH_EVAL = "niah"
+TARGET_POINTS = 1.0
+TARGET_DROP = 0.30
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    items = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(items) / len(items) if items else None
+
+
+def method_order(labels: Iterable[str]) -> list[str]:
+    """Dense first, then the others by name."""
+    labels = sorted(set(labels))
+    return [m for m in labels if m == DENSE] + [m for m in labels if m != DENSE]
+
+
+def _prefix_kept(record: dict[str, Any]) -> float | None:
+    if record.get("mean_prefix_kept_share") is not None:
+        return float(record["mean_prefix_kept_share"])
+    if record.get("mean_kept_share") is not None:
+        return float(record["mean_kept_share"])
+    return 1.0 if record.get("method_name", record.get("method")) == DENSE else None
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Nested aggregates: ``{eval: {"cells": ..., "methods": ..., "niah": ...}}``.
+
+    ``cells[task][length][method]`` = {score, n}; ``methods[length][method]`` =
+    {score (mean of task means), prefill_s, kept_share, prefix_kept_share, n};
+    ``niah[task][method][length][depth]`` = score, for NIAH records.
+    """
+    by_eval: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_eval[str(r.get("eval") or "results")].append(r)
+    out: dict[str, Any] = {}
+    for eval_name, rows in sorted(by_eval.items()):
+        groups: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            groups[(str(r["task"]), int(r["length"]), str(r["method"]))].append(r)
+        cells: dict[str, dict[int, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+        for (task, length, method), group in groups.items():
+            cells[task][length][method] = {"score": 100 * _mean(g["score"] for g in group), "n": len(group)}
+        methods: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+        lengths = sorted({int(r["length"]) for r in rows})
+        for length in lengths:
+            at = [r for r in rows if int(r["length"]) == length]
+            for method in method_order(r["method"] for r in at):
+                mine = [r for r in at if r["method"] == method]
+                task_scores = [cells[t][length][method]["score"] for t in sorted(cells) if method in cells[t].get(length, {})]
+                methods[length][method] = {
+                    "score": _mean(task_scores),
+                    "tasks": len(task_scores),
+                    "n": len(mine),
+                    "prefill_s": _mean(r.get("prefill_s") for r in mine),
+                    "kept_share": _mean(r.get("mean_kept_share") for r in mine)
+                    if any(r.get("mean_kept_share") is not None for r in mine)
+                    else (1.0 if method == DENSE else None),
+                    "prefix_kept_share": _mean(_prefix_kept(r) for r in mine),
+                }
+        niah: dict[str, Any] = {}
+        for r in rows:
+            if "depth" in r:
+                (
+                    niah.setdefault(str(r["task"]), {})
+                    .setdefault(str(r["method"]), {})
+                    .setdefault(int(r["length"]), {})
+                )[float(r["depth"])] = 100 * float(r["score"])
+        out[eval_name] = {
+            "cells": {t: {l: dict(m) for l, m in v.items()} for t, v in cells.items()},
+            "methods": {l: dict(m) for l, m in methods.items()},
+            "niah": niah,
+        }
+    return out
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The report as markdown: per eval, the task x length x method table, the
+    per-method averages (score, prefill, kept share), and the accuracy checks."""
+    lines = ["# Evaluation results", ""]
+    lines.append(
+        "Scores in points (0-100). Prefill: seconds per sample (batched prompts share a prefill; see batch_size "
+        "in the records). Kept: share of prefix tokens kept per sparse layer, averaged over heads, layers and "
+        "samples (dense = 1)."
+    )
+    lines.append("")
+    for eval_name, data in summary.items():
+        cells, per_method = data["cells"], data["methods"]
+        methods = method_order(m for l in per_method.values() for m in l)
+        lines += [f"## {eval_name}", "", "| task | length | " + " | ".join(methods) + " |"]
+        lines.append("|---|---:|" + "---:|" * len(methods))
+        lengths = sorted(per_method)
+        for task in sorted(cells):
+            for length in sorted(cells[task]):
+                row = cells[task][length]
+                lines.append(
+                    f"| {task} | {length} | " + " | ".join(_fmt(row.get(m, {}).get("score")) for m in methods) + " |"
+                )
+        for length in lengths if len(cells) > 1 else ():
+            lines.append(
+                f"| **average** | {length} | "
+                + " | ".join(f"**{_fmt(per_method[length].get(m, {}).get('score'))}**" for m in methods)
+                + " |"
+            )
+        lines += ["", "| method | length | score | vs dense | prefill s | kept share (prefix) | dropped | samples |"]
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for length in lengths:
+            dense = per_method[length].get(DENSE, {}).get("score")
+            for m in methods:
+                stats = per_method[length].get(m)
+                if not stats:
+                    continue
+                delta = None if dense is None or stats["score"] is None else stats["score"] - dense
+                kept = stats["prefix_kept_share"]
+                lines.append(
+                    f"| {m} | {length} | {_fmt(stats['score'])} | {_fmt(delta, '+.1f')} | "
+                    f"{_fmt(stats['prefill_s'], '.4f')} | {_fmt(kept, '.1%')} | "
+                    f"{_fmt(None if kept is None else 1 - kept, '.1%')} | {stats['n']} |"
+                )
+        lines.append("")
+        lines += _checks(eval_name, data)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _checks(eval_name: str, data: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    per_method = data["methods"]
+    if eval_name != NIAH_EVAL and any(DENSE in v for v in per_method.values()):
+        lines += [
+            f"Settings within {TARGET_POINTS:.1f} point of dense that drop at least {TARGET_DROP:.0%} of prefix "
+            "tokens per sparse layer on average:",
+            "",
+        ]
+        for length in sorted(per_method):
+            dense = per_method[length].get(DENSE, {}).get("score")
+            ok = [
+                f"{m} ({_fmt(s['score'] - dense, '+.1f')}, dropped {_fmt(1 - s['prefix_kept_share'], '.1%')})"
+                for m, s in per_method[length].items()
+                if m != DENSE
+                and dense is not None
+                and s["score"] is not None
+                and s["prefix_kept_share"] is not None
+                and s["score"] >= dense - TARGET_POINTS
+                and 1 - s["prefix_kept_share"] >= TARGET_DROP
+            ]
+            lines.append(f"- {length}: " + ("; ".join(ok) if ok else "none"))
+        lines.append("")
+    for task, grid in sorted(data["niah"].items()):
+        if DENSE not in grid:
+            continue
+        lines += [f"NIAH {task}: cells where dense is right and the method is wrong:", ""]
+        for method in method_order(grid):
+            if method == DENSE:
+                continue
+            bad = [
+                f"{length}@{depth:.2f}"
+                for length, depths in sorted(grid[DENSE].items())
+                for depth, score in sorted(depths.items())
+                if score >= 100 and grid[method].get(length, {}).get(depth, 100) < 100
+            ]
+            lines.append(f"- {method}: " + (", ".join(bad) if bad else "none"))
+        lines.append("")
+    return lines
+
+
+# ---------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(eval_name: str, data: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    cells, per_method = data["cells"], data["methods"]
+    lengths = sorted(per_method)
+    methods = method_order(m for l in per_method.values() for m in l)
+    tasks = sorted(cells)
+    fig, axes = plt.subplots(len(lengths), 1, figsize=(max(6, 0.9 * len(tasks) * max(1, len(methods)) / 2 + 2), 3.2 * len(lengths)), squeeze=False)
+    width = 0.8 / max(len(methods), 1)
+    for ax, length in zip(axes[:, 0], lengths):
+        for i, m in enumerate(methods):
+            ys = [cells[t].get(length, {}).get(m, {}).get("score", float("nan")) for t in tasks]
+            ax.bar([x + i * width for x in range(len(tasks))], ys, width, label=m)
+        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(tasks))])
+        ax.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("score")
+        ax.set_title(f"{eval_name}, length {length}")
+    axes[0, 0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_niah(task: str, grid: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    methods = method_order(grid)
+    lengths = sorted({l for m in grid.values() for l in m})
+    depths = sorted({d for m in grid.values() for l in m.values() for d in l})
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.6), squeeze=False)
+    image = None
+    for ax, m in zip(axes[0], methods):
+        table = [[grid[m].get(l, {}).get(d, float("nan")) for l in lengths] for d in depths]
+        image = ax.imshow(table, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)))
+        ax.set_xticklabels([f"{l // 1024}K" if l % 1024 == 0 else str(l) for l in lengths], fontsize=7, rotation=45)
+        ax.set_yticks(range(len(depths)))
+        ax.set_yticklabels([f"{d:.0%}" for d in depths], fontsize=7)
+        ax.set_title(m, fontsize=8)
+        ax.set_xlabel("length")
+    axes[0, 0].set_ylabel("needle depth")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="score")
+    fig.suptitle(task)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(eval_name: str, data: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    per_method = data["methods"]
+    methods = method_order(m for l in per_method.values() for m in l)
+    palette = plt.get_cmap("tab10")
+    colors = {m: ("black" if m == DENSE else palette(i % 10)) for i, m in enumerate(methods)}
+    markers = "osD^v<>phX"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for k, length in enumerate(sorted(per_method)):
+        marker = markers[k % len(markers)]
+        for ax, x_key in ((left, "prefill_s"), (right, "prefix_kept_share")):
+            points = sorted(
+                (stats[x_key], stats["score"], m)
+                for m, stats in per_method[length].items()
+                if stats[x_key] is not None and stats["score"] is not None
+            )
+            if len(points) > 1:  # the trade-off curve across settings at this length
+                ax.plot([p[0] for p in points], [p[1] for p in points], color="gray", lw=0.7, alpha=0.6)
+            for x, y, m in points:
+                ax.scatter(x, y, color=colors[m], marker="*" if m == DENSE else marker, s=150 if m == DENSE else 45,
+                           zorder=3, label=f"{m} @{length}" if ax is left else None)
+    left.set_xlabel("prefill seconds per sample")
+    right.set_xlabel("kept share of prefix tokens (sparse layers)")
+    for ax in (left, right):
+        ax.set_ylabel("average score")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"{eval_name}: accuracy vs cost, one marker shape per length (dense = black star)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(records: list[dict[str, Any]], out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+    """Write report.md, summary.json and (with ``plots``) the figures into ``out_dir``."""
+    if not records:
+        raise ValueError("no result records found")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(records)
+    written = {"report": out / "report.md", "summary": out / "summary.json"}
+    text = markdown(summary)
+    if plots:
+        figures = []
+        for eval_name, data in summary.items():
+            if data["niah"]:
+                for task, grid in sorted(data["niah"].items()):
+                    written[f"niah_{task}"] = plot_niah(task, grid, out / f"niah_{task}.png")
+                    figures.append(written[f"niah_{task}"].name)
+            written[f"accuracy_{eval_name}"] = plot_accuracy(eval_name, data, out / f"accuracy_{eval_name}.png")
+            written[f"tradeoff_{eval_name}"] = plot_tradeoff(eval_name, data, out / f"tradeoff_{eval_name}.png")
+            figures += [written[f"accuracy_{eval_name}"].name, written[f"tradeoff_{eval_name}"].name]
+        text += "\n## Figures\n\n" + "\n".join(f"![{name}]({name})" for name in figures) + "\n"
+    written["report"].write_text(text, encoding="utf-8")
+    written["summary"].write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    return written

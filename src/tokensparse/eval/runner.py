@@ -1,0 +1,329 @@
+"""Running samples through a model with each method, resumably.
+
+Results are JSON lines, one file per (eval, method): ``OUT/<eval>/<method slug>.jsonl``,
+one record per sample, appended as batches finish. A rerun reads the file and
+skips every (task, length, sample_id) already there, so an interrupted run
+continues where it stopped; delete a file to redo a method.
+
+Generation is greedy (``do_sample=False``) up to each sample's budget, stopping
+at the tokenizer's end-of-sequence token. Samples of one length are batched
+(left padding) when ``batch_size > 1``.
+
+Prefill time: each ``generate`` call is timed from its start to the first call
+of its logits processors, which transformers makes right after the prefill
+forward pass (CUDA synchronised on GPU). This is the time to the first token's
+logits: the prefill forward plus generate's small set-up, without any decode
+step. With batching, ``batch_prefill_s`` is the batch's time and ``prefill_s``
+its share per sample. Before a method's first batch of each length, an untimed
+warm-up call on that batch (one new token) compiles and autotunes kernels for
+the shape.
+
+Kept share: for methods that record their selection (token_sparse), each sparse
+layer's share of the prompt's tokens kept per head, averaged over heads
+(``kept_share``); ``prefix_kept_share`` is the same over the prefix only (the
+tokens before the observation window, the ones that can be dropped). A sparse
+layer that ran dense (prompt too short) counts as 1.0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from . import metrics
+from .methods import MethodSpec, sparse_layers
+from .prompts import Sample
+from .results import read_results, record_key, result_path
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """What :func:`run_eval` did for one method."""
+
+    method: str
+    path: Path
+    skipped: int
+    ran: int
+
+
+def run_eval(
+    loaded: Any,
+    eval_name: str,
+    samples: list[Sample],
+    methods: list[MethodSpec],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 1,
+    meta: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> list[EvalRun]:
+    """Answer and score ``samples`` with each method; append records to the result files.
+
+    Args:
+        loaded: a :class:`tokensparse.models.LoadedModel`.
+        eval_name: ``niah``, ``ruler``, ``longbench`` or ``infinitebench`` (the subfolder).
+        samples: the prompts; keys (task, length, sample_id) must be unique.
+        methods: parsed method specs, run one after the other.
+        out_dir: results folder.
+        batch_size: samples per generate call (same length only).
+        meta: extra settings written to ``<eval>/meta.json``.
+        progress: called as ``progress(method_label, done, total)`` after each batch.
+
+    Returns:
+        One :class:`EvalRun` per method.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    keys = [s.key for s in samples]
+    if len(set(keys)) != len(keys):
+        raise ValueError("samples have duplicate (task, length, sample_id) keys")
+    folder = Path(out_dir) / eval_name
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_meta(folder / "meta.json", loaded, eval_name, meta or {})
+    runs = []
+    for spec in methods:
+        path = result_path(out_dir, eval_name, spec)
+        done = {record_key(r) for r in read_results(path) if r.get("method") == spec.label}
+        todo = [s for s in samples if s.key not in done]
+        if progress:
+            progress(spec.label, 0, len(todo))
+        if todo:
+            logger.info("%s: %d samples to run, %d already in %s", spec.label, len(todo), len(done), path)
+            _run_method(loaded, eval_name, spec, todo, path, batch_size, progress)
+        runs.append(EvalRun(spec.label, path, skipped=len(samples) - len(todo), ran=len(todo)))
+    return runs
+
+
+def _batches(samples: list[Sample], batch_size: int) -> Iterable[list[Sample]]:
+    by_length: dict[int, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_length[sample.length].append(sample)
+    for length in sorted(by_length):
+        group = sorted(by_length[length], key=lambda s: (s.task, s.num_tokens, s.sample_id))
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]
+
+
+def _run_method(
+    loaded: Any,
+    eval_name: str,
+    spec: MethodSpec,
+    samples: list[Sample],
+    path: Path,
+    batch_size: int,
+    progress: Progress | None,
+) -> None:
+    model, tokenizer = loaded.model, loaded.tokenizer
+    method = spec.method
+    method.enable(model, spec.config)
+    try:
+        layers = sparse_layers(model)
+        window = getattr(spec.config, "window", None)
+        settings = spec.config.to_dict() if hasattr(spec.config, "to_dict") else None
+        batches = list(_batches(samples, batch_size))
+        warm: set[int] = set()
+        done = 0
+        _repair(path)
+        with path.open("a", encoding="utf-8") as out:
+            for batch in batches:
+                if batch[0].length not in warm:
+                    # Untimed warm-up at this shape: kernel compilation and autotuning.
+                    _generate(model, tokenizer, batch, max_new_tokens=1)
+                    if method.selection is not None:
+                        method.selection(model)
+                    warm.add(batch[0].length)
+                texts, prefill_s = _generate(model, tokenizer, batch, max_new_tokens=max(s.max_new_tokens for s in batch))
+                prefills = method.selection(model) if method.selection is not None else []
+                records = prefills[0] if prefills else {}
+                for b, (sample, answer) in enumerate(zip(batch, texts)):
+                    row = _record(sample, answer, eval_name, spec, settings, prefill_s, len(batch))
+                    if method.selection is not None:
+                        row.update(_kept(records, layers, b, sample.num_tokens, window))
+                    row["model"] = loaded.name
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.flush()
+                done += len(batch)
+                if progress:
+                    progress(spec.label, done, len(samples))
+    finally:
+        method.disable(model)
+
+
+def _repair(path: Path) -> None:
+    """Drop lines that are not JSON (a write cut short by an interruption) before appending."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    good = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        good.append(line)
+    if len(good) != len(lines) or (lines and not path.read_bytes().endswith(b"\n")):
+        logger.warning("%s: dropping %d torn line(s) before resuming", path, len(lines) - len(good))
+        path.write_text("".join(line + "\n" for line in good), encoding="utf-8")
+
+
+def _record(
+    sample: Sample,
+    answer: str,
+    eval_name: str,
+    spec: MethodSpec,
+    settings: dict[str, Any] | None,
+    batch_prefill_s: float,
+    batch_size: int,
+) -> dict[str, Any]:
+    value = metrics.score(
+        sample.metric, answer, list(sample.references), postprocess=sample.postprocess, **sample.metric_options
+    )
+    return {
+        "eval": eval_name,
+        "task": sample.task,
+        "length": sample.length,
+        "sample_id": sample.sample_id,
+        "method": spec.label,
+        "method_name": spec.name,
+        "settings": settings,
+        **sample.info,
+        "prompt_tokens": sample.num_tokens,
+        "answer": answer,
+        "references": list(sample.references),
+        "metric": sample.metric,
+        "score": value,
+        "prefill_s": batch_prefill_s / batch_size,
+        "batch_prefill_s": batch_prefill_s,
+        "batch_size": batch_size,
+    }
+
+
+def _kept(
+    records: dict[int, Any], layers: tuple[int, ...], b: int, num_tokens: int, window: int | None
+) -> dict[str, Any]:
+    kept, prefix_kept, dropped = {}, {}, {}
+    for layer in layers:
+        rec = records.get(layer)
+        if rec is None:
+            kept[str(layer)], prefix_kept[str(layer)], dropped[str(layer)] = 1.0, 1.0, 0.0
+            continue
+        heads = rec.num_kept[b]
+        seq_len = rec.seq_lens[b]
+        kept[str(layer)] = sum(heads) / (len(heads) * max(seq_len, 1))
+        if window is not None and seq_len > window:
+            prefix_kept[str(layer)] = sum(min(max(k - window, 0), seq_len - window) for k in heads) / (
+                len(heads) * (seq_len - window)
+            )
+        dropped[str(layer)] = sum(rec.dropped_mass[b]) / len(rec.dropped_mass[b])
+    out: dict[str, Any] = {"kept_share": kept, "dropped_mass": dropped}
+    out["mean_kept_share"] = sum(kept.values()) / len(kept) if kept else None
+    if prefix_kept:
+        out["prefix_kept_share"] = prefix_kept
+        out["mean_prefix_kept_share"] = sum(prefix_kept.values()) / len(prefix_kept)
+    return out
+
+
+class _PrefillTimer(LogitsProcessor):
+    """A logits processor that notes when generate first produces logits."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.first: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.first is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.first = time.perf_counter()
+        return scores
+
+
+def _generate(model: Any, tokenizer: Any, batch: list[Sample], *, max_new_tokens: int) -> tuple[list[str], float]:
+    """Greedy answers of a batch (left padded) and the batch's prefill seconds."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(s.num_tokens for s in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, sample in enumerate(batch):
+        ids[i, width - sample.num_tokens :] = torch.tensor(sample.input_ids, dtype=torch.long)
+        mask[i, width - sample.num_tokens :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    timer = _PrefillTimer(device)
+    eos = _eos_ids(model, tokenizer)
+    with torch.inference_mode():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            logits_processor=LogitsProcessorList([timer]),
+        )
+    prefill_s = (timer.first or time.perf_counter()) - start
+    texts = []
+    for i, sample in enumerate(batch):
+        new = out[i, width : width + sample.max_new_tokens]
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+    return texts, prefill_s
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int] | None:
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if value is None:
+            continue
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if int(i) not in ids:
+                ids.append(int(i))
+    return ids or None
+
+
+def _write_meta(path: Path, loaded: Any, eval_name: str, extra: dict[str, Any]) -> None:
+    import transformers
+
+    from .haystack import python_version
+
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    runs = meta.get("runs", [])
+    model = loaded.model
+    runs.append(
+        {
+            "eval": eval_name,
+            "model": loaded.name,
+            "device": str(loaded.device),
+            "device_name": torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else platform.processor() or "cpu",
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": python_version(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        }
+    )
+    meta["runs"] = runs
+    path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+

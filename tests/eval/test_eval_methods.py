@@ -1,0 +1,87 @@
+"""Method specs: parsing, canonical labels, errors, and the registry."""
+
+import pytest
+
+from tokensparse import TokenSparseConfig
+from tokensparse.eval import methods
+
+
+def test_specs_and_labels():
+    dense = methods.parse_method("dense")
+    assert dense.name == "dense" and dense.config is None and dense.label == "dense"
+    default = methods.parse_method("token_sparse")
+    assert default.config == TokenSparseConfig()
+    assert default.label == "token_sparse:coverage=0.005"
+    assert methods.parse_method("token_sparse:coverage=0.005").label == default.label
+    cov = methods.parse_method("token_sparse:coverage=0.02")
+    assert cov.config.coverage == 0.02 and cov.label == "token_sparse:coverage=0.02"
+    ratio = methods.parse_method("token_sparse:keep_ratio=0.5")
+    assert ratio.config.budget == "keep_ratio" and ratio.config.keep_ratio == 0.5
+    assert ratio.label == "token_sparse:budget=keep_ratio,keep_ratio=0.5"
+    assert methods.parse_method("token_sparse:budget=keep_ratio,keep_ratio=0.5").label == ratio.label
+    layers = methods.parse_method("token_sparse:sparse_layers=3-5;9,min_tokens=64,max_tokens=none")
+    assert layers.config.sparse_layers == (3, 4, 5, 9) and layers.config.min_tokens == 64
+    assert layers.slug == "token_sparse__coverage-0.005_min_tokens-64_sparse_layers-3_4_5_9"
+
+
+def test_method_lists():
+    specs = methods.parse_methods("dense, token_sparse:budget=keep_ratio,keep_ratio=0.5,token_sparse:coverage=0.02")
+    assert [s.label for s in specs] == [
+        "dense",
+        "token_sparse:budget=keep_ratio,keep_ratio=0.5",
+        "token_sparse:coverage=0.02",
+    ]
+    # duplicates collapse; lists of strings work
+    assert len(methods.parse_methods(["token_sparse", "token_sparse:coverage=0.005"])) == 1
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("flash", r"unknown method 'flash'; known methods: dense, flexprefill, token_sparse"),
+        ("token_sparse:covrage=0.1", r"unknown setting 'covrage'; known settings: coverage, window"),
+        ("token_sparse:coverage=lots", r"setting 'coverage' has a bad value 'lots'"),
+        ("token_sparse:coverage=1.5", r"TokenSparseConfig.coverage"),
+        ("token_sparse:window", r"setting 'window' is not key=value"),
+        ("dense:coverage=0.1", r"method 'dense' takes no settings"),
+        ("token_sparse:coverage=0.1,coverage=0.2", r"given twice"),
+    ],
+)
+def test_errors_name_the_problem(spec, message):
+    with pytest.raises(ValueError, match=message):
+        methods.parse_method(spec)
+    with pytest.raises(ValueError):
+        methods.parse_methods("window=3")  # a setting without a method
+
+
+def test_registering_a_method_is_one_entry():
+    calls = []
+    entry = methods.Method(
+        "toy_method",
+        enable=lambda model, config: calls.append(("enable", config)),
+        disable=lambda model: calls.append(("disable",)),
+        parse=lambda raw: ({"k": int(raw.get("k", 1))}, {"k": raw.get("k", "1")}),
+    )
+    methods.register_method(entry)
+    try:
+        spec = methods.parse_method("toy_method:k=3")
+        assert spec.label == "toy_method:k=3" and spec.config == {"k": 3}
+        spec.method.enable(None, spec.config)
+        spec.method.disable(None)
+        assert calls == [("enable", {"k": 3}), ("disable",)]
+        assert "toy_method" in methods.known_methods()
+        with pytest.raises(ValueError, match="already registered"):
+            methods.register_method(entry)
+    finally:
+        methods._REGISTRY.pop("toy_method", None)
+
+
+def test_flexprefill_methods_are_registered():
+    from tokensparse.flexprefill import FlexPrefillConfig
+
+    fp, comp = methods.parse_methods("flexprefill:gamma=0.9,token_sparse+flexprefill:coverage=0.02")
+    assert isinstance(fp.config, FlexPrefillConfig) and fp.config.gamma == 0.9
+    assert comp.config.attention == "flexprefill" and comp.config.coverage == 0.02
+    assert comp.label == "token_sparse+flexprefill:coverage=0.02"
+    with pytest.raises(ValueError, match="attention"):
+        methods.parse_methods("token_sparse+flexprefill:attention=sdpa")

@@ -1,0 +1,102 @@
+"""The report from synthetic result files: table values, checks, plots, CLI."""
+
+import json
+
+import pytest
+
+from tokensparse.cli import main
+from tokensparse.eval.report import markdown, summarize, write_report
+from tokensparse.eval.results import load_records
+
+SPARSE = "token_sparse:coverage=0.02"
+
+
+def _rec(eval_name, task, length, sample_id, method, score, *, prefill=0.1, kept=None, **extra):
+    r = {
+        "eval": eval_name, "task": task, "length": length, "sample_id": sample_id, "method": method,
+        "method_name": method.split(":")[0], "score": score, "prefill_s": prefill, "answer": "", "references": [],
+    }
+    if kept is not None:
+        r.update(mean_kept_share=kept + 0.02, mean_prefix_kept_share=kept, kept_share={"3": kept})
+    r.update(extra)
+    return r
+
+
+def _write_results(root):
+    ruler, niah = root / "ruler", root / "niah"
+    ruler.mkdir(parents=True)
+    niah.mkdir(parents=True)
+    dense, sparse = [], []
+    for length in (4096, 8192):
+        for task, dense_scores, sparse_scores in (
+            ("niah_single_1", [1, 1, 1, 1], [1, 1, 1, 0]),   # 100 vs 75
+            ("vt", [0.8, 0.6, 1.0, 0.6], [0.8, 0.6, 1.0, 0.6]),  # 75 vs 75
+        ):
+            for i, (d, s) in enumerate(zip(dense_scores, sparse_scores)):
+                dense.append(_rec("ruler", task, length, i, "dense", d, prefill=0.2))
+                sparse.append(_rec("ruler", task, length, i, SPARSE, s, prefill=0.1, kept=0.6))
+    (ruler / "dense.jsonl").write_text("\n".join(json.dumps(r) for r in dense) + "\n")
+    (ruler / "sparse.jsonl").write_text("\n".join(json.dumps(r) for r in sparse) + "\n")
+    grid = []
+    for length in (1024, 2048):
+        for i, depth in enumerate((0.0, 0.5, 1.0)):
+            grid.append(_rec("niah", "niah_essay", length, i, "dense", 1.0, depth=depth))
+            wrong = length == 2048 and depth == 0.5
+            grid.append(_rec("niah", "niah_essay", length, i, SPARSE, 0.0 if wrong else 1.0, kept=0.7, depth=depth))
+    (niah / "all.jsonl").write_text("\n".join(json.dumps(r) for r in grid) + "\n")
+
+
+def test_summary_numbers(tmp_path):
+    _write_results(tmp_path)
+    summary = summarize(load_records([tmp_path]))
+    ruler = summary["ruler"]
+    assert ruler["cells"]["niah_single_1"][4096]["dense"] == {"score": 100.0, "n": 4}
+    assert ruler["cells"]["niah_single_1"][4096][SPARSE]["score"] == 75.0
+    assert ruler["cells"]["vt"][8192][SPARSE]["score"] == pytest.approx(75.0)
+    stats = ruler["methods"][4096]
+    assert stats["dense"]["score"] == pytest.approx(87.5) and stats[SPARSE]["score"] == pytest.approx(75.0)
+    assert stats[SPARSE]["prefix_kept_share"] == pytest.approx(0.6) and stats["dense"]["prefix_kept_share"] == 1.0
+    assert stats[SPARSE]["prefill_s"] == pytest.approx(0.1)
+    assert summary["niah"]["niah"]["niah_essay"][SPARSE][2048][0.5] == 0.0
+
+
+def test_markdown_table_and_checks(tmp_path):
+    _write_results(tmp_path)
+    text = markdown(summarize(load_records([tmp_path])))
+    assert f"| task | length | dense | {SPARSE} |" in text
+    assert "| niah_single_1 | 4096 | 100.0 | 75.0 |" in text
+    assert "| **average** | 8192 | **87.5** | **75.0** |" in text
+    assert f"| {SPARSE} | 4096 | 75.0 | -12.5 | 0.1000 | 60.0% | 40.0% | 8 |" in text
+    assert "- 4096: none" in text  # 12.5 points below dense: not within 1 point
+    assert f"- {SPARSE}: 2048@0.50" in text  # the one NIAH cell dense gets and sparse misses
+
+
+def test_write_report_and_cli(tmp_path, capsys):
+    _write_results(tmp_path)
+    written = write_report(load_records([tmp_path]), tmp_path / "out")
+    for key in ("report", "summary", "niah_niah_essay", "accuracy_ruler", "tradeoff_ruler", "tradeoff_niah"):
+        assert written[key].is_file() and written[key].stat().st_size > 0
+    assert "![niah_niah_essay.png](niah_niah_essay.png)" in written["report"].read_text()
+    assert main(["report", str(tmp_path / "ruler"), str(tmp_path / "niah"), "--out", str(tmp_path / "cli"), "--no-plots"]) == 0
+    assert (tmp_path / "cli" / "report.md").is_file() and not (tmp_path / "cli" / "accuracy_ruler.png").exists()
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no results folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2
+
+
+def test_cli_rejects_unknown_method_before_loading(capsys):
+    assert main(["eval", "ruler", "--methods", "dense,flashy", "--model", "/nonexistent.gguf"]) == 2
+    assert "unknown method 'flashy'; known methods: dense, flexprefill, token_sparse, token_sparse+flexprefill" in capsys.readouterr().err
+    assert main(["eval", "ruler", "--tasks", "niah_single_9", "--model", "/nonexistent.gguf"]) == 2
+    assert "unknown RULER task" in capsys.readouterr().err
+
+
+def test_cli_names_missing_data_before_loading(tmp_path, capsys):
+    assert main(["eval", "longbench", "--data-dir", str(tmp_path), "--tasks", "qasper", "--model", "/nonexistent.gguf"]) == 2
+    assert f"expected the data file {tmp_path}/qasper.jsonl" in capsys.readouterr().err
+    assert main(["eval", "infinitebench", "--data-dir", str(tmp_path), "--tasks", "passkey", "--model", "/x.gguf"]) == 2
+    assert "passkey.jsonl" in capsys.readouterr().err
+    assert main(["eval", "ruler", "--tasks", "qa_2", "--qa-dir", str(tmp_path), "--model", "/x.gguf"]) == 2
+    assert "hotpotqa.json" in capsys.readouterr().err

@@ -1,0 +1,97 @@
+"""The runner: one smoke run of a tiny random Llama (records, kept shares), then
+resuming, progress and errors with generation stubbed out."""
+
+import json
+
+import pytest
+
+from tokensparse.eval import niah, ruler, runner
+from tokensparse.eval.methods import parse_methods
+from tokensparse.eval.results import load_records, read_results, result_path
+from tokensparse.eval.runner import run_eval
+
+
+@pytest.fixture
+def fake_generate(monkeypatch):
+    """Replace generation: each sample answers its first reference (or 'x'), 10 ms prefill."""
+    calls = []
+
+    def generate(model, tokenizer, batch, *, max_new_tokens):
+        calls.append((len(batch), max_new_tokens))
+        return [str(s.references[0]) if s.sample_id % 2 == 0 else "x" for s in batch], 0.01
+
+    monkeypatch.setattr(runner, "_generate", generate)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def samples(byte_tokenizer):
+    grid = niah.grid_samples(byte_tokenizer, [320, 400], [0.0, 1.0], haystack="filler", max_new_tokens=4)
+    return grid
+
+
+METHODS = "dense,token_sparse:keep_ratio=0.5,window=16,min_tokens=16"
+
+
+def test_records_and_kept_share(tiny_loaded, samples, tmp_path):
+    specs = parse_methods(METHODS)
+    runs = run_eval(tiny_loaded, "niah", samples, specs, tmp_path, batch_size=2)
+    assert [(r.ran, r.skipped) for r in runs] == [(4, 0), (4, 0)]
+    dense = read_results(result_path(tmp_path, "niah", specs[0]))
+    sparse = read_results(result_path(tmp_path, "niah", specs[1]))
+    assert len(dense) == len(sparse) == 4
+    for record in dense + sparse:
+        assert {"task", "length", "sample_id", "method", "answer", "references", "score", "prefill_s", "depth"} <= set(record)
+        assert record["score"] in (0.0, 1.0) and record["prefill_s"] > 0 and record["batch_size"] == 2
+        assert record["model"] == "tiny-llama"
+    assert "kept_share" not in dense[0]
+    for record in sparse:
+        # one sparse layer (the second half of 2); keep_ratio 0.5 keeps half the prefix
+        assert list(record["kept_share"]) == ["1"]
+        assert record["mean_prefix_kept_share"] == pytest.approx(0.5, abs=0.02)
+        assert 0.5 < record["mean_kept_share"] < 0.6
+        assert record["settings"]["keep_ratio"] == 0.5
+    meta = json.loads((tmp_path / "niah" / "meta.json").read_text())
+    assert meta["runs"][0]["model"] == "tiny-llama"
+    # the model is back to its own attention afterwards
+    assert tiny_loaded.model.config._attn_implementation == "sdpa"
+
+
+def test_rerun_skips_finished_samples(tiny_loaded, samples, tmp_path, fake_generate):
+    specs = parse_methods("dense")
+    run_eval(tiny_loaded, "niah", samples, specs, tmp_path)
+    path = result_path(tmp_path, "niah", specs[0])
+    first = read_results(path)
+    (again,) = run_eval(tiny_loaded, "niah", samples, specs, tmp_path)
+    assert (again.ran, again.skipped) == (0, 4)
+    # drop one record and tear the last line as an interrupted write would
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[3][: len(lines[3]) // 2])
+    (resumed,) = run_eval(tiny_loaded, "niah", samples, specs, tmp_path)
+    assert (resumed.ran, resumed.skipped) == (2, 2)
+    final = {(r["task"], r["length"], r["sample_id"]): r["answer"] for r in read_results(path)}
+    assert final == {(r["task"], r["length"], r["sample_id"]): r["answer"] for r in first}
+    assert [r["score"] for r in sorted(read_results(path), key=lambda r: (r["length"], r["sample_id"]))] == [1, 0, 1, 0]
+    assert len(load_records([tmp_path])) == 4
+    # the torn line is gone from the file
+    assert len(path.read_text().splitlines()) == 4
+    # one warm-up per length: two in the first run, one for the 400-token samples resumed
+    assert fake_generate.count((1, 1)) == 3
+
+
+def test_progress_and_errors(tiny_loaded, samples, tmp_path, fake_generate):
+    seen = []
+    run_eval(tiny_loaded, "niah", samples[:2], parse_methods("dense"), tmp_path, progress=lambda *a: seen.append(a))
+    assert seen[0] == ("dense", 0, 2) and seen[-1] == ("dense", 2, 2)
+    with pytest.raises(ValueError, match="duplicate"):
+        run_eval(tiny_loaded, "niah", samples[:1] * 2, parse_methods("dense"), tmp_path)
+    with pytest.raises(ValueError, match="batch_size"):
+        run_eval(tiny_loaded, "niah", samples, parse_methods("dense"), tmp_path, batch_size=0)
+
+
+def test_ruler_sample_through_the_runner(tiny_loaded, byte_tokenizer, tmp_path, fake_generate):
+    (sample,) = ruler.build_samples(byte_tokenizer, ["niah_single_1"], [1024], 1)
+    (run,) = run_eval(tiny_loaded, "ruler", [sample], parse_methods("dense"), tmp_path)
+    (record,) = read_results(run.path)
+    assert record["task"] == "niah_single_1" and record["metric"] == "string_match_all"
+    assert record["references"] == list(sample.references) and record["score"] == 1.0
