@@ -75,3 +75,13 @@ def test_generation_after_enable_matches_dense_on_a_short_prompt(smollm2):
     assert torch.equal(sparse_ids, dense_ids)
     n = min(dense_ids.shape[1], generated.shape[1] - prompt.num_tokens)
     assert torch.equal(generated[0, prompt.num_tokens : prompt.num_tokens + n], dense_ids[0, :n])
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("length", [300, 2048, 4096, 8000])
+def test_needle_prompt_has_the_asked_length(smollm2, length):
+    # The real tokenizer merges tokens where the repeated filler meets itself.
+    prompt = build_needle_prompt(smollm2.tokenizer, length, 0.4)
+    assert abs(prompt.num_tokens - length) <= 2
+    text = smollm2.tokenizer.decode(prompt.input_ids[0])
+    assert "The special magic number is 7481926." in text

@@ -79,11 +79,24 @@ def build_needle_prompt(
     if not hay_ids:
         raise ValueError("haystack must not be empty")
     overhead = len(_format(tokenizer, [], question))
-    context_len = max(length - overhead - len(needle_ids), 1)
-    filler = (hay_ids * (context_len // len(hay_ids) + 1))[:context_len]
-    cut = int(round(depth * context_len))
-    context = filler[:cut] + needle_ids + filler[cut:]
-    ids = _format(tokenizer, context, question)
+    target = max(length - overhead, len(needle_ids) + 1)  # context tokens wanted
+
+    def build(context_len: int) -> list[int]:
+        filler = (hay_ids * (context_len // len(hay_ids) + 1))[:context_len]
+        cut = int(round(depth * context_len))
+        return _format(tokenizer, filler[:cut] + needle_ids + filler[cut:], question)
+
+    # The context travels as text, and re-tokenising it merges some tokens at the
+    # seams of the repeated haystack, so correct the filler length until the
+    # formatted prompt has the asked length.
+    context_len = max(target - len(needle_ids), 1)
+    ids = build(context_len)
+    for _ in range(4):
+        produced = len(ids) - overhead
+        if abs(len(ids) - length) <= 2 or produced <= 0:
+            break
+        context_len = max(int(round(context_len * target / produced)), 1)
+        ids = build(context_len)
     return NeedlePrompt(input_ids=torch.tensor([ids], dtype=torch.long), expected=answer, depth=depth)
 
 
