@@ -193,3 +193,14 @@ def test_tensors_on_different_devices():
     q, k, v = make_qkv(1, 2, 1, 32, 16, dtype=torch.float32)
     with pytest.raises(ValueError, match="one device"):
         token_sparse_attention(q, k.to("meta"), v)
+
+
+def test_backend_argument_forces_the_path():
+    q, k, v = make_qkv(1, 4, 2, 200, 32, dtype=torch.float32)
+    ref = token_sparse_attention(q, k, v, coverage=0.2, window=16, min_tokens=16, backend="torch")
+    auto = token_sparse_attention(q, k, v, coverage=0.2, window=16, min_tokens=16)  # CPU: the reference
+    assert torch.equal(ref, auto)
+    with pytest.raises(ValueError, match="backend"):
+        token_sparse_attention(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="either config"):
+        token_sparse_attention(q, k, v, backend="torch", config=TokenSparseConfig())

@@ -26,6 +26,7 @@ def token_sparse_attention(
     min_tokens: int | None = None,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    backend: str | None = None,
     config: TokenSparseConfig | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenSelection]:
@@ -48,8 +49,10 @@ def token_sparse_attention(
         key_padding_mask: optional (B, L) bool, True for real tokens, padding on
             the left. Padded positions are never scored or kept, and their output
             rows are zero.
-        config: a full :class:`TokenSparseConfig` (budget modes, backend); cannot
-            be combined with ``coverage``, ``window``, ``kernel_size`` or ``min_tokens``.
+        backend: "auto" (default: Triton kernels on CUDA tensors, PyTorch
+            elsewhere), "triton" or "torch" (the reference path).
+        config: a full :class:`TokenSparseConfig` (budget modes, attention kind);
+            cannot be combined with the keyword settings above.
         return_stats: also return the :class:`TokenSelection` (kept counts and
             indices per batch item and head, dropped window mass).
 
@@ -57,7 +60,9 @@ def token_sparse_attention(
         (B, H, L, Dv) output, and the selection if ``return_stats``.
         Sequences with ``L <= window + min_tokens`` run dense.
     """
-    config = _resolve_config(config, coverage=coverage, window=window, kernel_size=kernel_size, min_tokens=min_tokens)
+    config = _resolve_config(
+        config, coverage=coverage, window=window, kernel_size=kernel_size, min_tokens=min_tokens, backend=backend
+    )
     check_inputs(query, key, value, key_padding_mask)
     selection = select_tokens(query, key, config, scale=scale, key_padding_mask=key_padding_mask)
     if selection.kept_idx is None and config.attention == "flexprefill":
@@ -196,7 +201,7 @@ def check_inputs(
             raise ValueError("key_padding_mask must be left padding (False... then True...) in every row")
 
 
-def _resolve_config(config: TokenSparseConfig | None, **overrides: int | float | None) -> TokenSparseConfig:
+def _resolve_config(config: TokenSparseConfig | None, **overrides: int | float | str | None) -> TokenSparseConfig:
     given = {name: value for name, value in overrides.items() if value is not None}
     if config is None:
         return TokenSparseConfig(**given)
