@@ -14,20 +14,9 @@ import tokensparse
 from tokensparse import TokenSparseConfig
 from tokensparse import profile as prof
 from tokensparse.integrations import transformers as integ
+from tiny_models import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_llama(num_layers=4, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
-    )
-    config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config).eval()
 
 
 class CharTokenizer:

@@ -10,20 +10,9 @@ from tokensparse import TokenSparseConfig
 from tokensparse.integrations import transformers as integ
 from tokensparse.integrations.transformers import LayerRecord
 from tokensparse.report import format_selection_report, summarize_selection
+from tiny_models import tiny_llama
 
 CONFIG = TokenSparseConfig(window=16, kernel_size=3, min_tokens=8, coverage=0.3, sparse_layers=(1, 3), backend="torch")
-
-
-def tiny_llama(num_layers=4, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
-    )
-    config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config).eval()
 
 
 def prompt(batch=1, length=96, seed=1):
