@@ -7,11 +7,13 @@ Public API:
     TokenSelection           what select_tokens returns
     enable / disable         switch a transformers model to the method and back
     selection_report         per-layer, per-head kept counts of recorded prefills
+    models.load              hub ids, local paths, and the embedded SmolLM2 ("smollm2")
     format_selection_report  a per-layer table of one recorded prefill
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import models
 from .attention import token_sparse_attention
 from .config import TokenSparseConfig
 from .integrations.transformers import disable, enable, selection_report
@@ -24,6 +26,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
 __all__ = [
+    "models",
     "TokenSparseConfig",
     "TokenSelection",
     "token_sparse_attention",
