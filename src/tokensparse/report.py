@@ -47,7 +47,8 @@ def summarize_selection(prefill: dict[int, LayerRecord]) -> list[LayerSummary]:
             LayerSummary(
                 layer=layer,
                 tokens=max(record.seq_lens),
-                kept_mean=sum(shares) / len(shares),
+                # Clamped so float rounding never prints a mean outside [min, max].
+                kept_mean=min(max(sum(shares) / len(shares), min(shares)), max(shares)),
                 kept_min=min(shares),
                 kept_max=max(shares),
                 dropped_max=record.max_dropped_mass,
