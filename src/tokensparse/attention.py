@@ -66,11 +66,11 @@ def token_sparse_attention(
     check_inputs(query, key, value, key_padding_mask)
     selection = select_tokens(query, key, config, scale=scale, key_padding_mask=key_padding_mask)
     if selection.kept_idx is None and config.attention == "flexprefill":
-        from .flexprefill import config_params, flexprefill_attention
+        from .flexprefill import FlexPrefillConfig, flexprefill_attention
 
         out = flexprefill_attention(
-            query, key, value, scale=scale, key_padding_mask=key_padding_mask, backend=config.backend,
-            **config_params(config),
+            query, key, value, scale=scale, key_padding_mask=key_padding_mask,
+            **FlexPrefillConfig.from_token_sparse(config).kwargs(),
         )
     elif selection.kept_idx is None:
         out = dense_causal_attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask)
@@ -110,12 +110,11 @@ def attend_selected(
         raise ValueError("selection.kept_idx is None (every sequence runs dense); use dense attention")
     ops = ops_for(query, backend)
     if config is not None and config.attention == "flexprefill":
-        from .flexprefill import config_params, flexprefill_attention
+        from .flexprefill import FlexPrefillConfig, flexprefill_attention
 
+        fp_kwargs = {**FlexPrefillConfig.from_token_sparse(config).kwargs(), "backend": backend}
         q_c, k_c, v_c = ops.gather_kept(query, key, value, selection.kept_idx)
-        out_c = flexprefill_attention(
-            q_c, k_c, v_c, scale=scale, seq_lens=selection.num_kept, backend=backend, **config_params(config)
-        )
+        out_c = flexprefill_attention(q_c, k_c, v_c, scale=scale, seq_lens=selection.num_kept, **fp_kwargs)
         return ops.scatter_kept(out_c, selection.kept_idx, query.shape[2], layout)
     if ops.attend_kept is not None:
         # Fused path (Triton): compress, attend and decompress a few heads at a time.

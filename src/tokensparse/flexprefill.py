@@ -208,16 +208,6 @@ def flexprefill_attention(
     return (out, pattern) if return_pattern else out
 
 
-def config_params(config) -> dict:
-    """FlexPrefill keyword arguments from a :class:`tokensparse.TokenSparseConfig`."""
-    return {
-        "gamma": config.fp_gamma,
-        "tau": config.fp_tau,
-        "min_budget": config.fp_min_budget,
-        "block_size": config.fp_block,
-    }
-
-
 def check_params(*, gamma: float, tau: float, min_budget: int, block_size: int) -> None:
     """Raise ``ValueError`` naming the parameter if a FlexPrefill setting is invalid."""
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < gamma <= 1.0:
@@ -448,5 +438,4 @@ __all__ = [
     "flexprefill_attention",
     "estimate_pattern",
     "check_params",
-    "config_params",
 ]
