@@ -346,3 +346,19 @@ def test_flexprefill_config_and_method_settings():
     for raw, field in [({"gama": "1"}, "gama"), ({"gamma": "2"}, "gamma"), ({"tau": "x"}, "tau"), ({"backend": "gpu"}, "backend")]:
         with pytest.raises(ValueError, match=field):
             flexprefill_settings(raw)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3])
+def test_estimation_chunking_does_not_change_the_pattern(monkeypatch, tau):
+    import tokensparse.flexprefill as fp
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 8, 700, 32, generator=g)
+    k = torch.randn(2, 2, 700, 32, generator=g)
+    lens = torch.tensor([[700] * 8, [513] * 4 + [650] * 4])
+    whole = fp.estimate_pattern(q, k, block_size=64, min_budget=64, tau=tau, seq_lens=lens)
+    monkeypatch.setattr(fp, "_ESTIMATE_CHUNK_BYTES", 1)  # one KV head per step
+    single = fp.estimate_pattern(q, k, block_size=64, min_budget=64, tau=tau, seq_lens=lens)
+    assert torch.equal(whole.block_cnt, single.block_cnt)
+    assert torch.equal(whole.block_idx, single.block_idx)
+    assert torch.equal(whole.query_aware, single.query_aware)

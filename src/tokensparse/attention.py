@@ -104,10 +104,35 @@ def attend_selected(
             :mod:`tokensparse.flexprefill`) instead of dense causal SDPA.
 
     Returns:
-        The output, zero in rows a head did not keep.
+        The output, zero in rows a head did not keep (or, with
+        ``config.dropped_rows == "local"``, their sink + local attention).
     """
     if selection.kept_idx is None:
         raise ValueError("selection.kept_idx is None (every sequence runs dense); use dense attention")
+    out = _attend_kept(query, key, value, selection, scale=scale, backend=backend, layout=layout, config=config)
+    if config is None or config.dropped_rows == "zero":
+        return out
+    return _fill_dropped_rows(out, query, key, value, selection, scale=scale, backend=backend, layout=layout,
+                              block_size=config.local_block)
+
+
+def _fill_dropped_rows(out, query, key, value, selection, *, scale, backend, layout, block_size) -> torch.Tensor:
+    from .local_attention import sink_local_attention
+
+    batch, num_heads, seq_len, _ = query.shape
+    local = sink_local_attention(
+        query, key, value, block_size, scale=scale, seq_lens=selection.seq_lens, backend=backend
+    )
+    # kept_idx is padded with seq_len: one spare column takes those writes.
+    kept = torch.zeros(batch, num_heads, seq_len + 1, dtype=torch.bool, device=query.device)
+    kept.scatter_(2, selection.kept_idx, True)
+    kept = kept[..., :seq_len, None]
+    if layout == "blhd":
+        return torch.where(kept.transpose(1, 2), out, local.transpose(1, 2))
+    return torch.where(kept, out, local)
+
+
+def _attend_kept(query, key, value, selection, *, scale, backend, layout, config) -> torch.Tensor:
     ops = ops_for(query, backend)
     if config is not None and config.attention == "flexprefill":
         from .flexprefill import FlexPrefillConfig, flexprefill_attention

@@ -37,6 +37,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
     p.add_argument("--coverage", type=float, default=None, help="coverage tau (default 0.005)")
     p.add_argument("--min-tokens", type=int, default=1024, help="floor on kept prefix tokens per head")
+    p.add_argument("--dropped-rows", default="zero", choices=["zero", "local"],
+                   help="rows a head drops: zeros (the paper) or sink + local attention")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--rope-scaling", type=float, default=None, help="YaRN factor for prompts past the context")
     p.set_defaults(run=_run_demo)
@@ -51,6 +53,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         depth=args.depth,
         coverage=args.coverage,
         min_tokens=args.min_tokens,
+        dropped_rows=args.dropped_rows,
         device=args.device,
         rope_scaling_factor=args.rope_scaling,
         progress=lambda msg: print(msg, flush=True),
@@ -58,7 +61,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     print()
     print(f"prompt: {result.prompt_tokens} tokens, needle at depth {result.depth:.2f}, answer {result.expected!r}")
     print(f"token sparse settings: coverage {result.config.coverage}, window {result.config.window}, "
-          f"min_tokens {result.config.min_tokens}, sparse layers {list(result.sparse_layers)}")
+          f"min_tokens {result.config.min_tokens}, dropped rows {result.config.dropped_rows}, "
+          f"sparse layers {list(result.sparse_layers)}")
     for run in result.runs:
         verdict = "RIGHT" if run.correct else "WRONG"
         print(f"  {run.method:<12} {verdict}  prefill {run.prefill_s:6.2f} s  answer: {run.answer!r}")
@@ -86,8 +90,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--hf-config", default=None, help="take heads, kv heads and head_dim from this transformers config")
     a.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     a.add_argument("--keep-ratios", type=_float_list, default=[0.75, 0.5, 0.25, 0.1], help="fixed kept shares")
-    a.add_argument("--coverage", type=float, default=0.005, help="coverage tau of the coverage mode")
-    a.add_argument("--inputs", type=_str_list, default=["random", "structured"], help="inputs of the coverage mode")
+    a.add_argument("--coverage", type=_float_list, default=[0.005], help="coverage taus of the coverage mode")
+    a.add_argument("--inputs", type=_str_list, default=["random", "structured"],
+                   help="input kinds (random, structured, realistic) of the coverage mode and FlexPrefill; "
+                   "the fixed shares use the first")
+    a.add_argument("--methods", type=_str_list, default=["token_sparse"],
+                   help="comma-separated: dense (always run), token_sparse, flexprefill, token_sparse+flexprefill")
+    a.add_argument("--dropped-rows", default="zero", choices=["zero", "local"],
+                   help="rows a head drops: zeros (the paper) or sink + local attention")
+    a.add_argument("--fp-gamma", type=float, default=0.95, help="FlexPrefill's gamma")
+    a.add_argument("--fp-tau", type=float, default=0.1, help="FlexPrefill's JS threshold")
+    a.add_argument("--fp-block", type=int, default=128, help="FlexPrefill's block size")
+    a.add_argument("--fp-min-budget", type=int, default=1024, help="FlexPrefill's minimum budget in tokens")
     a.add_argument("--window", type=int, default=128)
     a.add_argument("--min-tokens", type=int, default=1024)
     a.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="stage kernels")
@@ -167,6 +181,7 @@ def _run_bench(
 
 def _run_bench_attention(args: argparse.Namespace) -> int:
     from .bench.attention import AttentionBenchConfig, plot_attention, run_attention_bench, summary_lines
+    from .flexprefill import FlexPrefillConfig
 
     shape = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128}
     if args.hf_config:
@@ -184,8 +199,10 @@ def _run_bench_attention(args: argparse.Namespace) -> int:
             shape[key] = value
     cfg = AttentionBenchConfig(
         lengths=tuple(args.lengths), batches=tuple(args.batch), max_tokens=args.max_tokens, **shape,
-        dtype=args.dtype, keep_ratios=tuple(args.keep_ratios), coverage=args.coverage,
+        dtype=args.dtype, keep_ratios=tuple(args.keep_ratios), coverages=tuple(args.coverage),
         coverage_inputs=tuple(args.inputs), window=args.window, min_tokens=args.min_tokens,
+        methods=tuple(args.methods), dropped_rows=args.dropped_rows,
+        flexprefill=FlexPrefillConfig(args.fp_gamma, args.fp_tau, args.fp_min_budget, args.fp_block, args.backend),
         backend=args.backend, warmup=args.warmup, min_reps=args.reps, budget_ms=args.budget_ms, device=args.device,
     )
     return _run_bench(run_attention_bench, cfg, args, plot_attention, summary_lines)
@@ -322,6 +339,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     r.add_argument("results", nargs="+", help="results folders (or .jsonl files)")
     r.add_argument("--out", default=None, help="where to write report.md and plots (default: the first folder)")
     r.add_argument("--no-plots", action="store_true", help="only the markdown and summary.json")
+    r.add_argument("--attention-times", nargs="+", default=None,
+                   help="`bench attention` JSON files: adds accuracy vs attention time (table and plot)")
+    r.add_argument("--attention-length", type=int, default=None, help="its length to use (default: the longest)")
+    r.add_argument("--attention-inputs", default="realistic", help="its input kind to use (default realistic)")
     r.set_defaults(run=_run_report)
 
 
@@ -445,7 +466,22 @@ def _run_report(args: argparse.Namespace) -> int:
     from .eval.results import load_records
 
     records = load_records(args.results)
-    written = write_report(records, args.out or args.results[0], plots=not args.no_plots)
+    attention = None
+    if args.attention_times:
+        import json
+        from pathlib import Path
+
+        from .eval.report import attention_times
+
+        for path in args.attention_times:
+            times = attention_times(
+                json.loads(Path(path).read_text()), length=args.attention_length, inputs=args.attention_inputs
+            )
+            if attention is not None and times["length"] != attention["length"]:
+                raise ValueError(f"{path}: length {times['length']} differs from the first file's {attention['length']}")
+            # Entries of an earlier file win (dense and FlexPrefill are in every file).
+            attention = times if attention is None else {**attention, "ms": {**times["ms"], **attention["ms"]}}
+    written = write_report(records, args.out or args.results[0], plots=not args.no_plots, attention=attention)
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0

@@ -12,6 +12,7 @@ from typing import Any
 
 BUDGET_MODES = ("coverage", "head_coverage", "keep_ratio", "keep_tokens")
 ATTENTION_KINDS = ("sdpa", "flexprefill")
+DROPPED_ROWS = ("zero", "local")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,13 @@ class TokenSparseConfig:
         fp_tau: FlexPrefill's Jensen-Shannon threshold for query-aware heads, >= 0.
         fp_block: FlexPrefill's block size, a positive multiple of 16.
         fp_min_budget: FlexPrefill's minimum budget in tokens, >= 0.
+        dropped_rows: what the rows of tokens a head did not keep get:
+            ``"zero"`` (the paper: the token skips the layer's attention) or
+            ``"local"`` (sink + local attention,
+            :mod:`tokensparse.local_attention`: the first ``local_block`` tokens
+            and the row's own and previous block of ``local_block`` tokens; linear
+            in the length).
+        local_block: the block of ``dropped_rows="local"``, a positive multiple of 16.
     """
 
     coverage: float = 0.005
@@ -70,6 +78,8 @@ class TokenSparseConfig:
     fp_tau: float = 0.1
     fp_block: int = 128
     fp_min_budget: int = 1024
+    dropped_rows: str = "zero"
+    local_block: int = 64
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "TokenSparseConfig":
         # The generated __init__ would raise TypeError for an unknown keyword; users
@@ -128,6 +138,10 @@ class TokenSparseConfig:
             fail("fp_block", "a positive multiple of 16")
         if not _is_int(self.fp_min_budget) or self.fp_min_budget < 0:
             fail("fp_min_budget", "an integer >= 0")
+        if self.dropped_rows not in DROPPED_ROWS:
+            fail("dropped_rows", f"one of {DROPPED_ROWS}")
+        if not _is_int(self.local_block) or self.local_block < 16 or self.local_block % 16:
+            fail("local_block", "a positive multiple of 16")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TokenSparseConfig":

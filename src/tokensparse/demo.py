@@ -73,6 +73,7 @@ def run_demo(
     depth: float = 0.5,
     coverage: float | None = None,
     min_tokens: int = 1024,
+    dropped_rows: str = "zero",
     device: str | None = None,
     rope_scaling_factor: float | None = None,
     max_new_tokens: int = 32,
@@ -88,14 +89,16 @@ def run_demo(
         coverage: tau; default the paper's 0.005 (on the embedded model it drops
             about 19% of prefix tokens per sparse layer at 4K and 34% at 8K).
         min_tokens: floor on kept prefix tokens per head.
+        dropped_rows: "zero" (the paper) or "local" (sink + local attention in the
+            rows a head drops; see :class:`~tokensparse.TokenSparseConfig`).
         device: "cpu" or "cuda"; default CUDA if available.
         rope_scaling_factor: YaRN factor for prompts longer than the context.
         max_new_tokens: answer length cap.
         progress: called with a short message before each long step.
     """
-    config = TokenSparseConfig(min_tokens=min_tokens) if coverage is None else TokenSparseConfig(
-        coverage=coverage, min_tokens=min_tokens
-    )
+    config = TokenSparseConfig(min_tokens=min_tokens, dropped_rows=dropped_rows)
+    if coverage is not None:
+        config = config.replace(coverage=coverage)
     if isinstance(model, models.LoadedModel):
         loaded = model
     else:

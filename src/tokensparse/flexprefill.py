@@ -60,6 +60,7 @@ DEFAULT_GAMMA = 0.95
 DEFAULT_TAU = 0.1
 DEFAULT_MIN_BUDGET = 1024
 DEFAULT_BLOCK = 128
+_ESTIMATE_CHUNK_BYTES = 256 << 20  # fp32 estimation logits per step
 
 
 @dataclass(frozen=True)
@@ -273,21 +274,28 @@ def estimate_pattern(
     slash = torch.empty_like(vertical)
     q_est_mean = torch.empty(batch, num_heads, head_dim, dtype=acc, device=device)
     k_pool = torch.empty(batch, num_kv_heads, nb, head_dim, dtype=acc, device=device)
-    # One KV head at a time: its query group shares the keys, read once per group.
-    for kvh in range(num_kv_heads):
-        heads = slice(kvh * group, (kvh + 1) * group)
-        p = pos[:, heads].clamp(min=0)  # (B, G, bq)
+    # A few KV heads at a time (a group's queries share the keys, read once), as many
+    # as keep the fp32 logits under _ESTIMATE_CHUNK_BYTES: compressed inputs have a KV
+    # head per query head, and one head per step would be dozens of small launches.
+    per_kv_head = batch * group * est_rows * seq_len * torch.finfo(acc).bits // 8
+    step = max(1, min(num_kv_heads, _ESTIMATE_CHUNK_BYTES // max(per_kv_head, 1)))
+    for k0 in range(0, num_kv_heads, step):
+        k1 = min(k0 + step, num_kv_heads)
+        heads = slice(k0 * group, k1 * group)
+        p = pos[:, heads].clamp(min=0)  # (B, nH, bq)
         q_est = torch.gather(query[:, heads], 2, p[..., None].expand(-1, -1, -1, head_dim)).to(acc)
-        k = key[:, kvh : kvh + 1].to(acc)  # (B, 1, L, D)
-        logits = torch.matmul(q_est, k.transpose(-1, -2)) * scale  # (B, G, bq, L)
+        k = key[:, k0:k1].to(acc)  # (B, nK, L, D)
+        logits = torch.matmul(
+            q_est.reshape(batch, k1 - k0, group * est_rows, head_dim), k.transpose(-1, -2)
+        ).view(batch, (k1 - k0) * group, est_rows, seq_len) * scale  # (B, nH, bq, L)
         logits.masked_fill_(k_pos > p[..., None], float("-inf"))
         probs = torch.softmax(logits, dim=-1) * row_w[:, heads, :, None]
         vertical[:, heads] = probs.sum(dim=2)
         slash[:, heads] = _diagonal_sums(probs, lens[:, heads])
         q_est_mean[:, heads] = (q_est * row_w[:, heads, :, None]).sum(dim=2)
-        kv_len = lens[:, kvh * group]  # shared by the group (checked above)
-        k_valid = (k_pos < kv_len[:, None, None]).to(acc)  # (B, 1, L)
-        k_pool[:, kvh : kvh + 1] = _block_mean(k, k_valid, block_size, padded)
+        kv_len = lens[:, k0 * group : k1 * group : group]  # shared by each group (checked above)
+        k_valid = (k_pos < kv_len[..., None]).to(acc)  # (B, nK, L)
+        k_pool[:, k0:k1] = _block_mean(k, k_valid, block_size, padded)
     del logits, probs
 
     nq = (lens + block_size - 1) // block_size  # (B, H) valid blocks

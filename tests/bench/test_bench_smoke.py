@@ -32,6 +32,45 @@ def test_bench_attention_cli_tiny(tmp_path, capsys):
     assert "B=1 L=96" in capsys.readouterr().out
 
 
+def test_bench_attention_cli_all_methods(tmp_path, capsys):
+    out = tmp_path / "attention.json"
+    code = main([
+        "bench", "attention", "--device", "cpu", "--lengths", "200", "--batch", "1", "--heads", "4",
+        "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32", "--keep-ratios", "0.5",
+        "--window", "16", "--min-tokens", "16", "--coverage", "0.2", "--inputs", "realistic",
+        "--methods", "dense,token_sparse,flexprefill,token_sparse+flexprefill",
+        "--fp-block", "32", "--fp-min-budget", "32", "--fp-gamma", "0.5", "--warmup", "0", "--reps", "1", "--budget-ms", "1",
+        "--out", str(out),
+    ])
+    assert code == 0
+    row = json.loads(out.read_text())["results"][0]
+    by_label = {e["label"]: e for e in row["sparse"]}
+    assert set(by_label) == {
+        "keep 0.5", "keep 0.5 + flexprefill", "flexprefill (realistic)",
+        "coverage 0.2 (realistic)", "coverage 0.2 (realistic) + flexprefill",
+    }
+    fp = by_label["flexprefill (realistic)"]
+    assert fp["method"] == "flexprefill" and 0 < fp["visited_share"] < 1  # 7 blocks, gamma 0.5: some are skipped
+    assert fp["stages_ms"]["estimate"] > 0 and fp["stages_ms"]["kernel"] > 0
+    assert fp["kernel_over_default_x_share"] > 0
+    comp = by_label["keep 0.5 + flexprefill"]
+    assert comp["method"] == "token_sparse+flexprefill" and comp["kept_share"] < 0.8
+    assert comp["speedup_vs_default"] > 0
+    printed = capsys.readouterr().out
+    assert "flexprefill (realistic)" in printed and "kernel/(dense x share)" in printed
+
+
+def test_bench_attention_rejects_unknown_method():
+    import pytest
+
+    from tokensparse.bench.attention import AttentionBenchConfig
+
+    with pytest.raises(ValueError, match="methods: unknown"):
+        AttentionBenchConfig(methods=("token_sparse", "xattention"))
+    with pytest.raises(ValueError, match="coverage_inputs: unknown"):
+        AttentionBenchConfig(coverage_inputs=("zeros",))
+
+
 def test_bench_prefill_cli_tiny_model(tmp_path):
     out = tmp_path / "prefill.json"
     code = main([

@@ -85,3 +85,19 @@ def test_flexprefill_methods_are_registered():
     assert comp.label == "token_sparse+flexprefill:coverage=0.02"
     with pytest.raises(ValueError, match="attention"):
         methods.parse_methods("token_sparse+flexprefill:attention=sdpa")
+
+
+def test_spec_for_gives_the_eval_label_of_a_config():
+    from tokensparse import TokenSparseConfig
+    from tokensparse.eval.methods import parse_method, spec_for
+    from tokensparse.flexprefill import FlexPrefillConfig
+
+    base = TokenSparseConfig()
+    for name, config, spec in [
+        ("token_sparse", base.replace(budget="keep_ratio", keep_ratio=0.5), "token_sparse:keep_ratio=0.5"),
+        ("token_sparse", base.replace(coverage=0.02, sparse_layers=(3, 5)), "token_sparse:coverage=0.02,sparse_layers=3;5"),
+        ("token_sparse+flexprefill", base.replace(attention="flexprefill"), "token_sparse+flexprefill"),
+        ("flexprefill", FlexPrefillConfig(gamma=0.9), "flexprefill:gamma=0.9"),
+        ("dense", None, "dense"),
+    ]:
+        assert spec_for(name, config).label == parse_method(spec).label

@@ -100,3 +100,44 @@ def test_cli_names_missing_data_before_loading(tmp_path, capsys):
     assert "passkey.jsonl" in capsys.readouterr().err
     assert main(["eval", "ruler", "--tasks", "qa_2", "--qa-dir", str(tmp_path), "--model", "/x.gguf"]) == 2
     assert "hotpotqa.json" in capsys.readouterr().err
+
+
+def _bench(length=131072):
+    entry = lambda spec, ms, kind="realistic": {"spec": spec, "inputs": kind, "total_ms": ms}  # noqa: E731
+    return {"results": [{
+        "batch": 1, "seq_len": length,
+        "dense": {"cudnn": {"available": True, "ms": 240.0}, "flash": {"available": True, "ms": 400.0}},
+        "sparse": [entry(SPARSE, 60.0), entry(SPARSE, 999.0, "random"), entry("flexprefill", 120.0),
+                   entry("token_sparse+flexprefill:coverage=0.02", 30.0)],
+    }]}
+
+
+def test_attention_times_and_model_weighting(tmp_path):
+    from tokensparse.eval.report import attention_markdown, attention_times, model_attention_ms
+
+    times = attention_times(_bench())
+    assert times["dense_kernel"] == "cudnn" and times["length"] == 131072
+    assert times["ms"] == {"dense": 240.0, SPARSE: 60.0, "flexprefill": 120.0, "token_sparse+flexprefill:coverage=0.02": 30.0}
+    with pytest.raises(ValueError, match="length 8192 is not in the benchmark"):
+        attention_times(_bench(), length=8192)
+    with pytest.raises(ValueError, match="no benchmark entries on inputs 'structured'"):
+        attention_times(_bench(), inputs="structured")
+    # 1 sparse layer of 4: 1/4 * 60 + 3/4 * 240 = 195; composition: 1/4 * 30 + 3/4 * 120 = 97.5.
+    ts = {"method_name": "token_sparse", "sparse_layer_share": 0.25}
+    assert model_attention_ms(SPARSE, ts, times) == pytest.approx(195.0)
+    comp = {"method_name": "token_sparse+flexprefill", "sparse_layer_share": 0.25}
+    assert model_attention_ms("token_sparse+flexprefill:coverage=0.02", comp, times) == pytest.approx(97.5)
+    assert model_attention_ms("flexprefill", {"method_name": "flexprefill"}, times) == 120.0
+    assert model_attention_ms("token_sparse:keep_ratio=0.5", ts, times) is None  # not benchmarked
+
+    _write_results(tmp_path)
+    records = load_records([tmp_path / "ruler"])
+    for r in records:
+        r["num_layers"] = 4  # one sparse layer ("3") of four
+    data = summarize(records)["ruler"]
+    lines = attention_markdown("ruler", data, times)
+    row = next(x for x in lines if x.startswith(f"| {SPARSE} |"))
+    assert row == f"| {SPARSE} | 60.00 | 195.00 | 1.23 | 75.0 | 75.0 |"
+    written = write_report(records, tmp_path / "out", attention=times)
+    assert written["tradeoff_attention_ruler"].stat().st_size > 0
+    assert "## Accuracy vs attention time" in written["report"].read_text()

@@ -1,13 +1,23 @@
 """One attention layer: dense cuDNN / flash against Token Sparse Attention, stage by stage.
 
 For every batch size and length: dense causal SDPA on all tokens with each
-backend that accepts the inputs, then Token Sparse Attention at fixed kept
-shares (``keep_ratio`` budgets) and in coverage mode (on random inputs and on
-inputs with attention sinks, a local band and heavy tokens, where coverage
-really drops tokens). Every stage is timed on its own (score, budget + top-k,
-gather, dense attention on the kept tokens, scatter) and the whole op end to
-end; speedups are ratios of times measured in the same run. Results are a
-JSON-ready dict; :func:`plot_attention` draws from that dict only.
+backend that accepts the inputs, then the methods asked for:
+
+* ``token_sparse``: fixed kept shares (``keep_ratio`` budgets) on the first
+  input kind and coverage mode on each input kind, every stage timed on its own (score,
+  budget, top-k, gather, dense attention on the kept tokens, scatter) and the
+  whole op end to end;
+* ``flexprefill``: FlexPrefill on each input kind: end to end, its pattern
+  estimation and its block-sparse kernel alone, the share of causal blocks
+  visited, and the kernel's time over dense cuDNN's time scaled by that share;
+* ``token_sparse+flexprefill``: the composition at every token-sparse setting.
+
+Input kinds: ``random`` (standard normal), ``structured`` (sinks, heavy tokens
+and a local band added to random vectors, so coverage really drops tokens) and
+``realistic`` (:func:`tokensparse.bench.structure.synthetic_qkv`, whose
+statistics match the embedded model's measured attention). Speedups are ratios
+of times measured in the same run. Results are a JSON-ready dict;
+:func:`plot_attention` draws from that dict only.
 """
 
 from __future__ import annotations
@@ -21,13 +31,17 @@ import torch
 
 from ..attention import token_sparse_attention
 from ..config import TokenSparseConfig
-from ..kernels import ops_for, sdpa
+from ..eval.methods import spec_for
+from ..flexprefill import FlexPrefillConfig, estimate_pattern, flexprefill_attention
+from ..kernels import block_sparse, ops_for, sdpa
 from ..selection import select_tokens, smooth_scores, token_budget
 from .timing import machine_info, peak_memory, time_fn
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+METHODS = ("token_sparse", "flexprefill", "token_sparse+flexprefill")
+INPUT_KINDS = ("random", "structured", "realistic")
 
 
 @dataclass(frozen=True)
@@ -42,10 +56,13 @@ class AttentionBenchConfig:
     head_dim: int = 128
     dtype: str = "bfloat16"
     keep_ratios: tuple[float, ...] = (0.75, 0.5, 0.25, 0.1)
-    coverage: float = 0.005
+    coverages: tuple[float, ...] = (0.005,)
     coverage_inputs: tuple[str, ...] = ("random", "structured")
     window: int = 128
     min_tokens: int = 1024
+    methods: tuple[str, ...] = ("token_sparse",)
+    dropped_rows: str = "zero"
+    flexprefill: FlexPrefillConfig = FlexPrefillConfig()
     dense_backends: tuple[str, ...] = ("cudnn", "flash")
     backend: str = "auto"
     warmup: int = 1
@@ -53,6 +70,14 @@ class AttentionBenchConfig:
     budget_ms: float = 1000.0
     seed: int = 0
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS + ("dense",)]
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; expected some of dense, {', '.join(METHODS)}")
+        bad = [k for k in self.coverage_inputs if k not in INPUT_KINDS]
+        if bad:
+            raise ValueError(f"coverage_inputs: unknown {bad}; expected some of {', '.join(INPUT_KINDS)}")
 
 
 def flops_causal(batch_heads: int, length: int, head_dim: int) -> float:
@@ -73,13 +98,21 @@ def make_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-zero random q (B, H, L, D), k and v (B, Hkv, L, D).
 
-    ``random``: standard normal entries. ``structured``: logits with a long tail,
+    ``random``: standard normal entries. ``realistic``:
+    :func:`tokensparse.bench.structure.synthetic_qkv` (RoPE, sinks, heavy tokens,
+    a local band, fitted to the embedded model). ``structured``: logits with a long tail,
     and every query shares a direction with 4 attention-sink keys at the start,
     32 heavy keys spread over the prefix and a local band of 1024 keys at the
     end, as long-context attention looks, so the coverage budget drops tokens
     (more of them at shorter lengths, where the tail holds less mass; on the
     H200 bench coverage 0.005 kept 14% at 8K, 59% at 32K, 61% at 128K).
     """
+    if kind == "realistic":
+        from .structure import synthetic_qkv
+
+        return synthetic_qkv(
+            batch, num_heads, num_kv_heads, length, head_dim, dtype=dtype, device=device, seed=seed
+        )
     g = torch.Generator(device=device).manual_seed(seed)
     q = torch.randn(batch, num_heads, length, head_dim, generator=g, device=device, dtype=torch.float32)
     k = torch.randn(batch, num_kv_heads, length, head_dim, generator=g, device=device, dtype=torch.float32)
@@ -106,7 +139,7 @@ def make_inputs(
         boost(torch.randint(0, max(length - 1, 1), (32,), generator=g, device=device), 9.5)  # heavy tokens
         boost(torch.arange(max(length - 1024, 0), length, device=device), 5.0)  # local band
     elif kind != "random":
-        raise ValueError(f"input kind must be 'random' or 'structured', got {kind!r}")
+        raise ValueError(f"input kind must be one of {', '.join(INPUT_KINDS)}, got {kind!r}")
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
@@ -225,11 +258,84 @@ def _bench_sparse(
         entry["total_over_attend"] = total.median_ms / stages["attend"]
         entry["effective_tflops"] = entry["kept_flops"] / (total.median_ms * 1e-3) / 1e12
     entry["ideal_speedup"] = 1.0 / entry["kept_share"] ** 2
+    entry["method"] = "token_sparse"
+    entry["spec"] = spec_for("token_sparse", config).label
+    _compare_with_dense(entry, dense)
+    return entry
+
+
+def _compare_with_dense(entry: dict[str, Any], dense: dict[str, Any]) -> None:
+    """Speedup and peak-memory ratio of ``entry`` against every dense kernel timed in the run."""
     for name, d in dense.items():
         if d.get("available"):
-            entry[f"speedup_vs_{name}"] = d["ms"] / total.median_ms
+            entry[f"speedup_vs_{name}"] = d["ms"] / entry["total_ms"]
             if entry.get("memory") and d.get("memory"):
                 entry[f"memory_over_{name}"] = entry["memory"]["peak_bytes"] / d["memory"]["peak_bytes"]
+
+
+def _bench_flexprefill(cfg: AttentionBenchConfig, q, k, v, device, dense: dict[str, Any]) -> dict[str, Any]:
+    """FlexPrefill alone: end to end, estimation, kernel on its own pattern, blocks visited."""
+    timing = dict(warmup=cfg.warmup, min_reps=cfg.min_reps, budget_ms=cfg.budget_ms)
+    fp = cfg.flexprefill
+    params = dict(gamma=fp.gamma, tau=fp.tau, min_budget=fp.min_budget, block_size=fp.block_size)
+    pattern = estimate_pattern(q, k, **params)
+    share = float(pattern.visited_share.mean())
+
+    def kernel():
+        return block_sparse.block_sparse_attention(
+            q, k, v, pattern.block_idx, pattern.block_cnt, fp.block_size, seq_lens=pattern.seq_lens, backend=fp.backend
+        )
+
+    def run_all():
+        return flexprefill_attention(q, k, v, **fp.kwargs())
+
+    total = time_fn(run_all, device, **timing)
+    entry: dict[str, Any] = {
+        "method": "flexprefill",
+        "spec": spec_for("flexprefill", fp).label,
+        "visited_share": share,
+        "query_aware_share": float(pattern.query_aware.float().mean()),
+        "kernel_backend": "triton" if block_sparse.use_triton(q, fp.backend) else "torch",
+        "stages_ms": {
+            "estimate": time_fn(lambda: estimate_pattern(q, k, **params), device, **timing).median_ms,
+            "kernel": time_fn(kernel, device, **timing).median_ms,
+        },
+        "total": total.to_dict(),
+        "total_ms": total.median_ms,
+        "memory": peak_memory(run_all, device),
+    }
+    _compare_with_dense(entry, dense)
+    for name, d in dense.items():
+        if d.get("available"):
+            # The issue's kernel target: kernel time over dense time scaled by the blocks visited.
+            entry[f"kernel_over_{name}_x_share"] = entry["stages_ms"]["kernel"] / (d["ms"] * share)
+    return entry
+
+
+def _bench_composition(
+    cfg: AttentionBenchConfig, config: TokenSparseConfig, q, k, v, device, dense: dict[str, Any]
+) -> dict[str, Any]:
+    """Token Sparse selection, FlexPrefill on the compressed tokens, scatter back: end to end."""
+    fp = cfg.flexprefill
+    config = config.replace(
+        attention="flexprefill", fp_gamma=fp.gamma, fp_tau=fp.tau, fp_block=fp.block_size, fp_min_budget=fp.min_budget
+    )
+    selection = select_tokens(q, k, config)
+
+    def run_all():
+        return token_sparse_attention(q, k, v, config=config)
+
+    total = time_fn(run_all, device, warmup=cfg.warmup, min_reps=cfg.min_reps, budget_ms=cfg.budget_ms)
+    entry: dict[str, Any] = {
+        "method": "token_sparse+flexprefill",
+        "spec": spec_for("token_sparse+flexprefill", config).label,
+        "kept_share": 1.0 if selection.kept_idx is None else float(selection.kept_share.mean()),
+        "dense_fallback": selection.kept_idx is None,
+        "total": total.to_dict(),
+        "total_ms": total.median_ms,
+        "memory": peak_memory(run_all, device),
+    }
+    _compare_with_dense(entry, dense)
     return entry
 
 
@@ -246,7 +352,7 @@ def run_attention_bench(
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[cfg.dtype]
     base = TokenSparseConfig(
-        coverage=cfg.coverage, window=cfg.window, min_tokens=cfg.min_tokens, backend=cfg.backend
+        window=cfg.window, min_tokens=cfg.min_tokens, backend=cfg.backend, dropped_rows=cfg.dropped_rows
     )
     meta = machine_info(device)
     meta["stage_backend"] = ops_for(torch.empty(0, device=device), cfg.backend).name
@@ -264,23 +370,42 @@ def run_attention_bench(
             for name, d in row["dense"].items():
                 if d.get("available"):
                     say(f"  dense {name:<8} {d['ms']:9.3f} ms  {d['tflops']:6.1f} TFLOP/s  gqa={d['gqa']}")
+            keep_kind = cfg.coverage_inputs[0] if cfg.coverage_inputs else "random"
             modes: list[tuple[str, TokenSparseConfig, str]] = [
-                (f"keep {r:g}", base.replace(budget="keep_ratio", keep_ratio=r), "random") for r in cfg.keep_ratios
+                (f"keep {r:g}", base.replace(budget="keep_ratio", keep_ratio=r), keep_kind) for r in cfg.keep_ratios
             ]
-            modes += [(f"coverage {cfg.coverage:g} ({kind})", base, kind) for kind in cfg.coverage_inputs]
-            for label, config, kind in modes:
+            modes += [
+                (f"coverage {c:g} ({kind})", base.replace(coverage=c), kind)
+                for kind in cfg.coverage_inputs
+                for c in cfg.coverages
+            ]
+            for kind in dict.fromkeys(["random", *cfg.coverage_inputs]):
                 if kind != "random":
+                    q = k = v = None
                     q, k, v = make_inputs(
                         kind, batch, cfg.num_heads, cfg.num_kv_heads, length, cfg.head_dim, dtype, device, cfg.seed
                     )
-                entry = _bench_sparse(cfg, config, q, k, v, device, row["dense"])
-                entry.update(label=label, budget=config.budget, keep_ratio=config.keep_ratio, inputs=kind)
-                row["sparse"].append(entry)
-                speed = {n: entry.get(f"speedup_vs_{n}") for n in row["dense"]}
-                say(
-                    f"  {label:<28} kept {entry['kept_share']:6.1%}  total {entry['total_ms']:9.3f} ms  "
-                    + "  ".join(f"x{v:.2f} vs {n}" for n, v in speed.items() if v)
-                )
+                if "flexprefill" in cfg.methods and kind in cfg.coverage_inputs:
+                    entry = _bench_flexprefill(cfg, q, k, v, device, row["dense"])
+                    entry.update(label=f"flexprefill ({kind})", inputs=kind)
+                    row["sparse"].append(entry)
+                    say(_progress_line(entry, row["dense"]))
+                for label, config, mode_kind in modes:
+                    if mode_kind != kind:
+                        continue
+                    if "token_sparse" in cfg.methods:
+                        entry = _bench_sparse(cfg, config, q, k, v, device, row["dense"])
+                        entry.update(label=label, budget=config.budget, keep_ratio=config.keep_ratio, inputs=kind)
+                        row["sparse"].append(entry)
+                        say(_progress_line(entry, row["dense"]))
+                    if "token_sparse+flexprefill" in cfg.methods:
+                        entry = _bench_composition(cfg, config, q, k, v, device, row["dense"])
+                        entry.update(
+                            label=f"{label} + flexprefill", budget=config.budget, keep_ratio=config.keep_ratio,
+                            inputs=kind,
+                        )
+                        row["sparse"].append(entry)
+                        say(_progress_line(entry, row["dense"]))
             # Dense baselines of the structured inputs are not re-timed: dense cost
             # does not depend on the values.
             results.append(row)
@@ -295,6 +420,12 @@ def run_attention_bench(
         meta["window_mass_launch"] = picked_configs()
     meta["chunking"] = "heads per chunk: kernels.pipeline.heads_per_chunk (default budget)"
     return {"meta": meta, "config": asdict(cfg), "results": results}
+
+
+def _progress_line(entry: dict[str, Any], dense: dict[str, Any]) -> str:
+    share = f"kept {entry['kept_share']:6.1%}" if "kept_share" in entry else f"blocks {entry['visited_share']:6.1%}"
+    speed = "  ".join(f"x{entry[f'speedup_vs_{n}']:.2f} vs {n}" for n in dense if f"speedup_vs_{n}" in entry)
+    return f"  {entry['label']:<36} {share}  total {entry['total_ms']:9.3f} ms  {speed}"
 
 
 # ---------------------------------------------------------------- plot
@@ -313,7 +444,7 @@ def plot_attention(data: dict[str, Any], path: str) -> None:
 
     # -- time per stage, outside the dense kernel on the kept tokens --
     stage_names = ["score", "budget", "top_k", "gather", "scatter"]
-    entries = [e for e in longest["sparse"] if "attend" in e["stages_ms"]]
+    entries = [e for e in longest["sparse"] if "attend" in e.get("stages_ms", {})]
     labels = [f"{e['label']}\n({e['kept_share']:.0%} kept)" for e in entries]
     bottoms = [0.0] * len(entries)
     for stage in stage_names + ["rest"]:
@@ -340,14 +471,17 @@ def plot_attention(data: dict[str, Any], path: str) -> None:
     ax2.plot(shares, [1 / s**2 for s in shares], "k--", label="ideal 1/share^2")
     for r in rows:
         for dense_name in ("cudnn", "flash", "default"):
-            pts = [
-                (e["kept_share"], e[f"speedup_vs_{dense_name}"])
-                for e in r["sparse"]
-                if e.get(f"speedup_vs_{dense_name}") and e["budget"] == "keep_ratio"
-            ]
-            if pts:
-                pts.sort()
-                ax2.plot(*zip(*pts), "o-", label=f"L={r['seq_len']} vs {dense_name}")
+            for method, style in (("token_sparse", "o-"), ("token_sparse+flexprefill", "s:")):
+                pts = [
+                    (e["kept_share"], e[f"speedup_vs_{dense_name}"])
+                    for e in r["sparse"]
+                    if e.get(f"speedup_vs_{dense_name}") and e.get("budget") == "keep_ratio"
+                    and e.get("method", "token_sparse") == method
+                ]
+                if pts:
+                    pts.sort()
+                    suffix = "" if method == "token_sparse" else " +FP"
+                    ax2.plot(*zip(*pts), style, label=f"L={r['seq_len']} vs {dense_name}{suffix}")
     ax2.set_xscale("log")
     ax2.set_yscale("log")
     ax2.set_xlabel("kept share")
@@ -368,10 +502,20 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         dense = "  ".join(f"{n} {d['ms']:.2f} ms" for n, d in r["dense"].items() if d.get("available"))
         lines.append(f"B={r['batch']} L={r['seq_len']}: dense {dense}")
         for e in r["sparse"]:
-            st = e["stages_ms"]
+            if e.get("method") == "flexprefill":
+                st = e["stages_ms"]
+                lines.append(
+                    f"  {e['label']:<36} blocks {e['visited_share']:6.1%} total {e['total_ms']:8.2f} ms"
+                    f" estimate {st['estimate']:7.2f} kernel {st['kernel']:8.2f} ms"
+                    f" kernel/(dense x share) "
+                    f"{e.get('kernel_over_cudnn_x_share', e.get('kernel_over_default_x_share', float('nan'))):.2f}"
+                    f" x{e.get('speedup_vs_cudnn', e.get('speedup_vs_default', float('nan'))):.2f}"
+                )
+                continue
+            st = e.get("stages_ms", {})
             over = e.get("overhead_ms")
             lines.append(
-                f"  {e['label']:<28} kept {e['kept_share']:6.1%} total {e['total_ms']:8.2f} ms"
+                f"  {e['label']:<36} kept {e['kept_share']:6.1%} total {e['total_ms']:8.2f} ms"
                 f" attend {st.get('attend', float('nan')):8.2f} ({e.get('attend_backend', '-')})"
                 f" overhead {over if over is not None else float('nan'):6.2f} ms"
                 f" x{e.get('speedup_vs_cudnn', e.get('speedup_vs_default', float('nan'))):.2f}"

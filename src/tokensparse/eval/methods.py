@@ -130,6 +130,21 @@ def parse_method(spec: str) -> MethodSpec:
     return MethodSpec(method.name, config, tuple(canonical.items()))
 
 
+def spec_for(name: str, config: Any = None) -> MethodSpec:
+    """The spec of method ``name`` run with ``config`` (a settings object built in
+    code), so results made outside an eval (benchmarks) carry the eval's label."""
+    if config is None:
+        return parse_method(name)
+    default = type(config)()
+    raw = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name == "attention" or value == getattr(default, field.name):
+            continue
+        raw[field.name] = ";".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return parse_method(name + (":" + ",".join(f"{k}={v}" for k, v in raw.items()) if raw else ""))
+
+
 def parse_methods(text: str | list[str]) -> list[MethodSpec]:
     """Parse a comma-separated list of specs (or a list of such strings).
 
@@ -317,6 +332,7 @@ __all__ = [
     "get_method",
     "parse_method",
     "parse_methods",
+    "spec_for",
     "token_sparse_settings",
     "sparse_layers",
 ]

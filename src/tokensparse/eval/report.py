@@ -8,7 +8,11 @@ per eval, task, length and method; :func:`write_report` writes ``report.md``,
 - ``niah_<task>.png``: NIAH heatmaps, depth x length, one panel per method;
 - ``tradeoff_<eval>.png``: average score against prefill seconds per sample and
   against the kept share of prefix tokens, one point per method and length,
-  dense as the reference.
+  dense as the reference;
+- ``tradeoff_attention_<eval>.png`` (when a ``tokensparse bench attention`` JSON
+  is given): average score against the attention time each method would take
+  per layer of the benchmarked model (:func:`attention_times`), every method on
+  one plot.
 
 Scores are shown in points (0-100).
 """
@@ -80,6 +84,12 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                     if any(r.get("mean_kept_share") is not None for r in mine)
                     else (1.0 if method == DENSE else None),
                     "prefix_kept_share": _mean(_prefix_kept(r) for r in mine),
+                    "sparse_layer_share": _mean(
+                        len(r["kept_share"]) / r["num_layers"]
+                        for r in mine
+                        if r.get("kept_share") is not None and r.get("num_layers")
+                    ),
+                    "method_name": mine[0].get("method_name", method),
                 }
         niah: dict[str, Any] = {}
         for r in rows:
@@ -283,8 +293,126 @@ def plot_tradeoff(eval_name: str, data: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def write_report(records: list[dict[str, Any]], out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
-    """Write report.md, summary.json and (with ``plots``) the figures into ``out_dir``."""
+def attention_times(
+    bench: dict[str, Any], *, length: int | None = None, inputs: str = "realistic"
+) -> dict[str, Any]:
+    """One attention layer's time per method, from a ``tokensparse bench attention`` JSON.
+
+    Takes the batch-1 row at ``length`` (default: the longest) and the entries
+    measured on ``inputs``; dense is cuDNN where it ran (else the first dense
+    kernel). Returns ``{"length", "inputs", "dense_kernel", "ms": {spec label: ms}}``.
+    """
+    rows = [r for r in bench["results"] if r["batch"] == 1] or bench["results"]
+    if length is not None:
+        rows = [r for r in rows if r["seq_len"] == length]
+        if not rows:
+            have = sorted({r["seq_len"] for r in bench["results"]})
+            raise ValueError(f"attention length {length} is not in the benchmark (lengths {have})")
+    row = max(rows, key=lambda r: r["seq_len"])
+    dense = [(n, d) for n, d in row["dense"].items() if d.get("available")]
+    if not dense:
+        raise ValueError("the benchmark holds no dense timing")
+    name, d = next(((n, d) for n, d in dense if n == "cudnn"), dense[0])
+    ms = {DENSE: float(d["ms"])}
+    for entry in row["sparse"]:
+        if entry.get("spec") and entry.get("inputs") == inputs:
+            ms[entry["spec"]] = float(entry["total_ms"])
+    if len(ms) == 1:
+        kinds = sorted({e.get("inputs") for e in row["sparse"]} - {None})
+        raise ValueError(f"no benchmark entries on inputs {inputs!r} (found {kinds})")
+    return {"length": row["seq_len"], "inputs": inputs, "dense_kernel": name, "ms": ms}
+
+
+def model_attention_ms(method: str, stats: dict[str, Any], times: dict[str, Any]) -> float | None:
+    """Mean attention time per layer of ``method`` over the evaluated model's layers.
+
+    Token Sparse runs only on its sparse layers: the others run dense (or, in the
+    composition, FlexPrefill, as the integration does), so the layer time is
+    weighted by the share of sparse layers the records report.
+    """
+    ms = times["ms"]
+    if method not in ms:
+        return None
+    name = stats.get("method_name", method)
+    if name not in ("token_sparse", "token_sparse+flexprefill"):
+        return ms[method]
+    share = stats.get("sparse_layer_share")
+    base = ms.get("flexprefill") if name == "token_sparse+flexprefill" else ms[DENSE]
+    if share is None or base is None:
+        return None
+    return share * ms[method] + (1 - share) * base
+
+
+def attention_markdown(eval_name: str, data: dict[str, Any], times: dict[str, Any]) -> list[str]:
+    per_method = data["methods"]
+    lengths = sorted(per_method)
+    methods = method_order(m for l in per_method.values() for m in l)
+    lines = [
+        f"### {eval_name}: accuracy vs attention time",
+        "",
+        f"Attention time: one layer at {times['length']} tokens on {times['inputs']} inputs (the benchmark's "
+        f"shapes), dense = {times['dense_kernel']}; 'model' weights the sparse-layer time by the share of "
+        "sparse layers (the other layers run dense, or FlexPrefill in the composition).",
+        "",
+        "| method | layer ms | model ms | x dense | " + " | ".join(f"score @{l}" for l in lengths) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(lengths),
+    ]
+    for m in methods:
+        stats = next((per_method[l][m] for l in lengths if m in per_method[l]), None)
+        model_ms = model_attention_ms(m, stats, times) if stats else None
+        speed = None if model_ms is None else times["ms"][DENSE] / model_ms
+        scores = " | ".join(_fmt(per_method[l].get(m, {}).get("score")) for l in lengths)
+        lines.append(
+            f"| {m} | {_fmt(times['ms'].get(m), '.2f')} | {_fmt(model_ms, '.2f')} | {_fmt(speed, '.2f')} | {scores} |"
+        )
+    return lines + [""]
+
+
+def plot_attention_tradeoff(eval_name: str, data: dict[str, Any], times: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    per_method = data["methods"]
+    families = sorted({stats.get("method_name", m) for l in per_method.values() for m, stats in l.items()})
+    palette = plt.get_cmap("tab10")
+    colors = {f: ("black" if f == DENSE else palette(i % 10)) for i, f in enumerate(families)}
+    markers = "osD^v<>phX"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    seen = set()
+    for k, length in enumerate(sorted(per_method)):
+        for m, stats in per_method[length].items():
+            x = model_attention_ms(m, stats, times)
+            if x is None or stats["score"] is None:
+                continue
+            family = stats.get("method_name", m)
+            ax.scatter(x, stats["score"], color=colors[family], marker="*" if m == DENSE else markers[k % len(markers)],
+                       s=150 if m == DENSE else 45, zorder=3,
+                       label=f"{family}" if family not in seen else None)
+            seen.add(family)
+            ax.annotate(m.split(":", 1)[1] if ":" in m else "", (x, stats["score"]), fontsize=5,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"attention ms per layer, averaged over the model's layers ({times['length']} tokens, "
+                  f"{times['inputs']} inputs)")
+    ax.set_ylabel("average score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{eval_name}: accuracy vs attention time, one marker shape per eval length", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    records: list[dict[str, Any]],
+    out_dir: str | Path,
+    *,
+    plots: bool = True,
+    attention: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write report.md, summary.json and (with ``plots``) the figures into ``out_dir``.
+
+    ``attention``: the result of :func:`attention_times`, for the accuracy vs
+    attention time table and plot.
+    """
     if not records:
         raise ValueError("no result records found")
     out = Path(out_dir)
@@ -292,6 +420,14 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, *, plots: b
     summary = summarize(records)
     written = {"report": out / "report.md", "summary": out / "summary.json"}
     text = markdown(summary)
+    if attention is not None:
+        text += "\n## Accuracy vs attention time\n\n"
+        for eval_name, data in summary.items():
+            text += "\n".join(attention_markdown(eval_name, data, attention)) + "\n"
+            if plots:
+                key = f"tradeoff_attention_{eval_name}"
+                written[key] = plot_attention_tradeoff(eval_name, data, attention, out / f"{key}.png")
+                text += f"![{key}]({key}.png)\n\n"
     if plots:
         figures = []
         for eval_name, data in summary.items():

@@ -127,6 +127,7 @@ def _run_method(
     progress: Progress | None,
 ) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
+    num_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     method = spec.method
     method.enable(model, spec.config)
     try:
@@ -153,6 +154,7 @@ def _run_method(
                     if method.selection is not None:
                         row.update(_kept(records, layers, b, sample.num_tokens, window))
                     row["model"] = loaded.name
+                    row["num_layers"] = num_layers
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 out.flush()
                 done += len(batch)

@@ -13,7 +13,7 @@ def _tile(
     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, UPCAST: tl.constexpr,
+    MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -38,7 +38,7 @@ def _tile(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     # -- compute qk --
-    qk = tl.dot(q, tl.trans(k))
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASK:
         qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
     # -- online softmax, base 2 --
@@ -47,7 +47,7 @@ def _tile(
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_ij
 
 
@@ -63,7 +63,7 @@ def _block_sparse_fwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PATTERN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     tl.static_assert(PATTERN_BLOCK % BLOCK_M == 0)
     tl.static_assert(PATTERN_BLOCK % BLOCK_N == 0)
@@ -101,7 +101,7 @@ def _block_sparse_fwd(
         acc, l_i, m_i = _tile(
             acc, l_i, m_i, q, k_head, v_head, start_n, offs_m, seq_len,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, UPCAST,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, UPCAST, DOT_PRECISION,
         )
     # -- the last listed block (the diagonal when kept): causal and length masks --
     kb = tl.load(idx_base + tl.maximum(cnt - 1, 0))
@@ -112,7 +112,7 @@ def _block_sparse_fwd(
         acc, l_i, m_i = _tile(
             acc, l_i, m_i, q, k_head, v_head, start_n, offs_m, seq_len,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, UPCAST,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, UPCAST, DOT_PRECISION,
         )
     # -- normalise; rows past the head's length (or that saw nothing) are zero --
     row_ok = (offs_m < seq_len) & (l_i > 0)

@@ -31,10 +31,13 @@ import os
 
 import torch
 
-# Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages). The CUDA default fits the
-# shared memory of any recent GPU at head_dim 128; scripts/gpu_flexprefill.py
-# sweeps alternatives on the H200 and reports the fastest (to be set here).
-_CUDA_TILES = (128, 64, 8, 3)
+from ._launch import dot_precision
+
+# Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages). The CUDA default is the
+# fastest of scripts/gpu_flexprefill.py's sweep on the H200 (results/flexprefill/h200);
+# GPUs with less shared memory fall back to the smaller tiles.
+_CUDA_TILES = (128, 128, 8, 3)
+_CUDA_FALLBACK_TILES = (128, 64, 8, 3)
 _INTERPRETER_TILES = (64, 128, 4, 1)
 
 
@@ -212,8 +215,19 @@ def block_sparse_attention(
         out = torch.empty(batch, num_heads, seq_len, value.shape[-1], dtype=query.dtype, device=query.device)
     block_idx = block_idx.to(torch.int32).contiguous()
     block_cnt = block_cnt.to(torch.int32).contiguous()
-    if tiles is None:
-        tiles = _INTERPRETER_TILES if not query.is_cuda else _CUDA_TILES
+    if tiles is None and query.is_cuda:
+        try:
+            return _launch(query, key, value, out, block_idx, block_cnt, lens, block_size, scale, _CUDA_TILES)
+        except triton.runtime.errors.OutOfResources:
+            return _launch(query, key, value, out, block_idx, block_cnt, lens, block_size, scale, _CUDA_FALLBACK_TILES)
+    tiles = _INTERPRETER_TILES if tiles is None else tiles
+    return _launch(query, key, value, out, block_idx, block_cnt, lens, block_size, scale, tiles)
+
+
+def _launch(query, key, value, out, block_idx, block_cnt, lens, block_size, scale, tiles) -> torch.Tensor:
+    import triton
+
+    batch, num_heads, seq_len, head_dim = query.shape
     block_m, block_n, num_warps, num_stages = tiles
     block_m = min(block_m, block_size)
     block_n = min(block_n, block_size)
@@ -235,6 +249,7 @@ def block_sparse_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         UPCAST=(not query.is_cuda) and query.dtype == torch.bfloat16,
+        DOT_PRECISION=dot_precision(query.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )
