@@ -145,9 +145,8 @@ def sink_local_attention_torch(
     out = torch.einsum("bkgnqs,bknsd->bkgnqd", probs, v3).reshape(batch, num_heads, total, dim_v)
     out = out.masked_fill(~real[:, None, :, None], 0.0)
     # Back to the caller's positions: real token t goes to pad + t.
-    result = torch.zeros(batch, num_heads, seq_len, dim_v, dtype=query.dtype, device=device)
-    dest = (pos[None, :] + pad[:, None]).clamp(max=seq_len)  # (B, total); past the end -> dropped column
-    result = torch.cat([result, result[:, :, :1]], dim=2)
+    dest = (pos[None, :] + pad[:, None]).clamp(max=seq_len)  # (B, total); past the end -> spare column
+    result = torch.zeros(batch, num_heads, seq_len + 1, dim_v, dtype=query.dtype, device=device)
     result.scatter_(2, dest[:, None, :, None].expand(-1, num_heads, -1, dim_v), out.to(query.dtype))
     return result[:, :, :seq_len]
 
