@@ -210,15 +210,19 @@ def select_tokens(
         # Pooling spills real scores onto the padding next to them; a sequence
         # alone has no such positions, so they must not count.
         scores = scores.masked_fill(~key_padding_mask[:, None, : seq_len - window], 0.0)
-    keep = token_budget(scores, prefix_lens, config)
-    dense = (keep == prefix_lens[:, None]).all(dim=1)
     max_keep = _host_max_keep(config, seq_len, key_padding_mask)
     if max_keep is None:
+        keep = token_budget(scores, prefix_lens, config)
+        dense = (keep == prefix_lens[:, None]).all(dim=1)
         # The budget depends on the scores: read its maximum and whether every
         # sequence runs dense in one host sync (the compact tensors' size).
         max_keep, all_dense = torch.stack([keep.max(), dense.all().long()]).tolist()
     else:
+        # Every head keeps the same count (what token_budget would compute), so
+        # no device op is spent on it.
         all_dense = max_keep == seq_len - window
+        keep = torch.full((batch, num_heads), max_keep, dtype=torch.long, device=device)
+        dense = torch.full((batch,), all_dense, dtype=torch.bool, device=device)
     if all_dense:
         return _dense_selection(seq_lens, num_heads, seq_len)
 

@@ -95,6 +95,44 @@ def test_top_k_matches_reference_exactly(case):
     assert torch.equal(got_n, want_n)
 
 
+def test_top_k_signed_scores_match_reference_exactly():
+    """Both signs, +-0.0, ties cut through by the threshold, keys one ulp apart."""
+    from tokensparse.kernels.topk import top_k_per_head
+
+    b, h, w = 2, 3, 17
+    prefix = 20000 if ON_GPU else 301
+    seq_len = prefix + w
+    g = torch.Generator().manual_seed(1234)
+    scores = torch.randn(b, h, prefix, generator=g) * 4
+    scores[..., ::5] = -0.75
+    scores[..., 1::9] = 0.0
+    scores[..., 2::9] = -0.0
+    scores[..., 3::11] = 1.5
+    # One ulp from a tie group: only the last radix digit tells them apart.
+    scores[..., 4::13] = torch.nextafter(torch.tensor(1.5), torch.tensor(2.0))
+    scores[..., 6::13] = torch.nextafter(torch.tensor(-0.75), torch.tensor(-1.0))
+    seq_lens = torch.tensor([seq_len, seq_len - prefix // 3])
+    pad = seq_len - seq_lens
+    # Padding keeps large scores: they must still never be taken.
+    scores[1, :, : int(pad[1])] = 100.0
+    real = ~(torch.arange(prefix)[None, None, :] < pad[:, None, None])
+
+    def cut_through(i, j, value):
+        # A keep whose threshold falls inside the tie group at ``value``.
+        s, r = scores[i, j], real[i, 0]
+        return int(((s > value) & r).sum()) + int(((s == value) & r).sum()) // 2
+
+    keep = torch.tensor([
+        [prefix, cut_through(0, 1, -0.75), cut_through(0, 2, 0.0)],
+        [int(real[1, 0].sum()), 0, cut_through(1, 2, 1.5)],
+    ])
+    scores, keep, seq_lens = scores.to(DEVICE), keep.to(DEVICE), seq_lens.to(DEVICE)
+    got, got_n = top_k_per_head(scores, keep, seq_lens, w)
+    want, want_n = top_k_ref(scores, keep, seq_lens, w)
+    assert torch.equal(got, want)
+    assert torch.equal(got_n, want_n)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gather_kept(shape, dtype):
@@ -144,8 +182,9 @@ def test_scatter_kept(shape, dtype, layout):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("num_streams", [1, 2, 3])
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
-def test_attend_kept_in_head_chunks(layout):
+def test_attend_kept_in_head_chunks(layout, num_streams):
     from tokensparse.kernels.pipeline import attend_kept
 
     b, h, hkv, seq_len, d, w = SHAPES[0]
@@ -156,12 +195,40 @@ def test_attend_kept_in_head_chunks(layout):
     v = _rand(b, hkv, seq_len, d, dtype=dtype, seed=seed + 2)
     idx = _random_kept_idx(b, h, seq_len, w, seed)
     # A budget of one head's compact tensors forces one head per chunk.
-    got = attend_kept(q, k, v, idx, layout=layout, chunk_budget=1)
+    # On CUDA the chunks alternate between ``num_streams`` streams (the CPU uses one).
+    got = attend_kept(q, k, v, idx, layout=layout, chunk_budget=1, num_streams=num_streams)
     q_c, k_c, v_c = ref.gather_kept_ref(q, k, v, idx)
     out_c = torch.nn.functional.scaled_dot_product_attention(q_c, k_c, v_c, is_causal=True)
     want = ref.scatter_kept_ref(out_c, idx, seq_len, layout)
     assert torch.isfinite(got).all()
     assert _rel_err(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("kept_share", [0.2, 0.4, 0.9])
+def test_attend_kept_stages_compact_tensors_in_output(kept_share):
+    """One sequence, (B, H, L, D): q, k, v of a chunk live in its own output rows (3, 2, 1 of them)."""
+    from tokensparse.kernels.pipeline import _num_staged, attend_kept
+
+    h, hkv, seq_len, d, w = 4, 2, 301, 64, 8
+    seed = int(kept_share * 10)
+    q = _rand(1, h, seq_len, d, dtype=torch.bfloat16, seed=seed)
+    k = _rand(1, hkv, seq_len, d, dtype=torch.bfloat16, seed=seed + 1)
+    v = _rand(1, hkv, seq_len, d, dtype=torch.bfloat16, seed=seed + 2)
+    g = torch.Generator().manual_seed(seed)
+    width = int(kept_share * seq_len)
+    rows = [torch.cat([torch.randperm(seq_len - w, generator=g)[: width - w].sort().values,
+                       torch.arange(seq_len - w, seq_len)]) for _ in range(h)]
+    rows[1][-3:] = seq_len  # padding entries
+    idx = torch.stack(rows)[None].to(DEVICE)
+    out_probe = torch.empty(1, h, seq_len, d)
+    assert _num_staged(out_probe, "bhld", width, d) == min(3, seq_len // width)
+    assert _num_staged(out_probe.transpose(1, 2), "blhd", width, d) == 0
+    want_c = torch.nn.functional.scaled_dot_product_attention(*ref.gather_kept_ref(q, k, v, idx), is_causal=True)
+    want = ref.scatter_kept_ref(want_c, idx, seq_len, "bhld")
+    for budget in (1, 2**30):  # one head per chunk, every head in one chunk
+        got = attend_kept(q, k, v, idx, chunk_budget=budget)
+        assert torch.isfinite(got).all()
+        assert _rel_err(got, want) < 1e-2
 
 
 @pytest.mark.skipif(not ON_GPU, reason="launch candidates are tried on GPUs only")

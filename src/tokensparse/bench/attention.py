@@ -418,7 +418,12 @@ def run_attention_bench(
         from ..kernels.window_mass import picked_configs
 
         meta["window_mass_launch"] = picked_configs()
-    meta["chunking"] = "heads per chunk: kernels.pipeline.heads_per_chunk (default budget)"
+    from ..kernels import pipeline
+
+    meta["chunking"] = (
+        f"kernels.pipeline.attend_kept: default budget, {pipeline.NUM_STREAMS} CUDA streams, "
+        "compact q/k/v staged in the output rows where they fit"
+    )
     return {"meta": meta, "config": asdict(cfg), "results": results}
 
 

@@ -1,9 +1,10 @@
 """Decompress: write compressed attention rows back in place, zeros elsewhere (Triton).
 
 One pass over the full output: each program owns a block of positions of one
-head, finds by binary search where its positions start in the (ascending)
-kept-index row, matches the few candidates against its positions, and writes
-either the compressed row or zeros. Every output element is written exactly
+head, reads where its positions start in the (ascending) kept-index row (one
+``torch.searchsorted`` for all blocks beforehand, so no program waits on a chain
+of dependent loads), matches the few candidates against its positions, and
+writes either the compressed row or zeros. Every output element is written exactly
 once, in the layout the caller asks for (``bhld`` as SDPA, ``blhd`` as
 transformers). Reference: :func:`tokensparse.kernels.reference.scatter_kept_ref`.
 """
@@ -19,11 +20,11 @@ from ._launch import check_kernel_dtype, interpreting
 
 @triton.jit
 def _scatter_kept_kernel(
-    Oc, Idx, Out,
+    Oc, Idx, Starts, Out,
     stride_cb, stride_ch, stride_ck, stride_cd,
     stride_ib, stride_ih, stride_ik,
     stride_ob, stride_oh, stride_ol, stride_od,
-    num_chunk_heads, head_start, seq_len, num_kept, search_steps,
+    num_chunk_heads, head_start, seq_len, num_kept, num_blocks,
     DIM: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -35,15 +36,7 @@ def _scatter_kept_kernel(
 
     # -- first kept entry >= p0 (entries ascend; padding L sorts last) --
     idx_row = Idx + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih
-    lo = 0
-    hi = num_kept
-    for _ in range(search_steps):
-        mid = (lo + hi) // 2
-        active = lo < hi
-        val = tl.load(idx_row + mid * stride_ik, mask=active & (mid < num_kept), other=0)
-        go_right = active & (val < p0)
-        lo = tl.where(go_right, mid + 1, lo)
-        hi = tl.where(active & ~go_right, mid, hi)
+    lo = tl.load(Starts + pid_bh.to(tl.int64) * num_blocks + pid_l)
 
     # -- match positions p0 + i against kept entries lo + j --
     j = tl.arange(0, BLOCK_L)
@@ -101,10 +94,14 @@ def scatter_kept_into(
     num_heads = out_c.shape[1]
     num_kept = kept_idx.shape[-1]
     block_l = 32 if interpreting() else 64
-    _scatter_kept_kernel[(batch * num_heads, triton.cdiv(seq_len, block_l))](
-        out_c, kept_idx, out,
+    num_blocks = triton.cdiv(seq_len, block_l)
+    rows = kept_idx[:, head_start: head_start + num_heads].contiguous()
+    block_starts = torch.arange(0, seq_len, block_l, device=rows.device, dtype=rows.dtype)
+    starts = torch.searchsorted(rows, block_starts.expand(batch, num_heads, num_blocks).contiguous())
+    _scatter_kept_kernel[(batch * num_heads, num_blocks)](
+        out_c, kept_idx, starts, out,
         *out_c.stride(), *kept_idx.stride(), *strides,
-        num_heads, head_start, seq_len, num_kept, max(1, num_kept.bit_length() + 1),
+        num_heads, head_start, seq_len, num_kept, num_blocks,
         DIM=dim, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(dim),
         num_warps=4,
     )

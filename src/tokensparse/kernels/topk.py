@@ -1,13 +1,14 @@
 """Per-head top-k without a sort: radix select of the threshold, then compaction (Triton).
 
 For every (batch, head) row of prefix scores the kernels find the ``keep``-th
-largest score by an 8-round, 4-bit radix select on an order-preserving integer
-key of the float32 score (histograms accumulated across the row's segments with
-atomics, one launch per round, no host synchronisation), then write the kept
-positions in ascending order by a prefix sum: every score above the threshold,
-and of the scores equal to it the ones at the lowest positions. That is exactly
-the set a stable descending sort takes (ties to the lower index), already in
-causal order, followed by the window positions and the padding value L.
+largest score by a 4-round, 8-bit radix select on an order-preserving integer
+key of the float32 score (a 256-bin ``tl.histogram`` per block, accumulated
+across the row's segments with atomics, one launch per round, no host
+synchronisation), then write the kept positions in ascending order by a prefix
+sum: every score above the threshold, and of the scores equal to it the ones at
+the lowest positions. That is exactly the set a stable descending sort takes
+(ties to the lower index), already in causal order, followed by the window
+positions and the padding value L.
 Reference: :func:`tokensparse.selection.top_k_per_head`.
 """
 
@@ -19,8 +20,11 @@ import triton.language as tl
 
 from ._launch import interpreting
 
-_ROUNDS = 8  # 4-bit digits of a 32-bit key
-_BINS = 16
+# Wider digits mean fewer rounds, i.e. fewer full passes over the scores; 8 bits
+# keep the per-block histogram (256 bins) cheap in registers and shared memory.
+_DIGIT_BITS = 8
+_ROUNDS = 32 // _DIGIT_BITS
+_BINS = 1 << _DIGIT_BITS
 _MAX_SEGMENTS = 64
 
 
@@ -33,22 +37,28 @@ def _order_key(x):
 
 
 @triton.jit
-def _radix_state(Hist, row, num_rows, keep, ROUNDS_DONE: tl.constexpr):
-    """Key prefix fixed by the first rounds, and how many of the matching keys to take."""
-    bins = tl.arange(0, 16)
+def _radix_state(Hist, row, num_rows, keep, ROUNDS_DONE: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    """Key prefix fixed by the first rounds, and how many of the matching keys to take.
+
+    Only the counts of bins above a candidate digit decide the outcome, so bin 0
+    may over-count (the histogram kernel parks excluded elements there).
+    """
+    BINS: tl.constexpr = 1 << DIGIT_BITS
+    bins = tl.arange(0, BINS)
     prefix = keep * 0
     remaining = keep
     for r in tl.static_range(ROUNDS_DONE):
-        hist = tl.load(Hist + (r * num_rows + row) * 16 + bins)
+        hist = tl.load(Hist + (r * num_rows + row) * BINS + bins)
         at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys with digit >= bin
         digit = tl.maximum(tl.sum((at_or_above >= remaining).to(tl.int32), 0) - 1, 0)
         remaining -= tl.sum(tl.where(bins == digit, at_or_above - hist, 0), 0)
         if r == 0:
-            # The top digit was flipped (^ 8) so that negatives rank low.
-            top = digit ^ 8
-            prefix = prefix | (tl.where(top >= 8, top - 16, top) << 28)
+            # The top digit was flipped (^ BINS // 2) so that negatives rank low;
+            # undo it and sign-extend so the prefix is the key's signed top bits.
+            top = digit ^ (BINS // 2)
+            prefix = prefix | (tl.where(top >= BINS // 2, top - BINS, top) << (32 - DIGIT_BITS))
         else:
-            prefix = prefix | (digit << (28 - 4 * r))
+            prefix = prefix | (digit << (32 - DIGIT_BITS * (r + 1)))
     return prefix, remaining
 
 
@@ -56,43 +66,45 @@ def _radix_state(Hist, row, num_rows, keep, ROUNDS_DONE: tl.constexpr):
 def _radix_hist_kernel(
     Scores, Keep, Pad, Hist,
     stride_sr, num_heads, num_rows, prefix_len, seg_len,
-    ROUND: tl.constexpr, BLOCK: tl.constexpr,
+    ROUND: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     seg = tl.program_id(1)
     keep = tl.load(Keep + row).to(tl.int32)
     pad = tl.load(Pad + row // num_heads).to(tl.int32)
-    prefix, _ = _radix_state(Hist, row, num_rows, keep, ROUND)
-    SHIFT: tl.constexpr = 28 - 4 * ROUND
-    bins = tl.arange(0, 16)
-    acc = tl.zeros([16], tl.int32)
+    prefix, _ = _radix_state(Hist, row, num_rows, keep, ROUND, DIGIT_BITS)
+    BINS: tl.constexpr = 1 << DIGIT_BITS
+    SHIFT: tl.constexpr = 32 - DIGIT_BITS * (ROUND + 1)
+    bins = tl.arange(0, BINS)
+    acc = tl.zeros([BINS], tl.int32)
     start = seg * seg_len
     end = tl.minimum(start + seg_len, prefix_len)
     for off in range(start, end, BLOCK):
         pos = off + tl.arange(0, BLOCK)
         ok = (pos < end) & (pos >= pad)
         key = _order_key(tl.load(Scores + row.to(tl.int64) * stride_sr + pos, mask=ok, other=0.0))
-        digit = (key >> SHIFT) & 15
+        digit = (key >> SHIFT) & (BINS - 1)
         if ROUND == 0:
-            digit = digit ^ 8
+            digit = digit ^ (BINS // 2)
         else:
-            ok = ok & ((key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
-        hit = (digit[:, None] == bins[None, :]) & ok[:, None]
-        acc += tl.sum(hit.to(tl.int32), 0)
-    tl.atomic_add(Hist + (ROUND * num_rows + row) * 16 + bins, acc)
+            ok = ok & ((key >> (SHIFT + DIGIT_BITS)) == (prefix >> (SHIFT + DIGIT_BITS)))
+        # Excluded elements go to bin 0 rather than through tl.histogram's mask=
+        # (not in every Triton release): _radix_state never reads bin 0's count.
+        acc += tl.histogram(tl.where(ok, digit, 0), BINS)
+    tl.atomic_add(Hist + (ROUND * num_rows + row) * BINS + bins, acc)
 
 
 @triton.jit
 def _count_kernel(
     Scores, Keep, Pad, Hist, CountGt, CountEq,
     stride_sr, num_heads, num_rows, prefix_len, seg_len,
-    ROUNDS: tl.constexpr, MAX_SEGMENTS: tl.constexpr, BLOCK: tl.constexpr,
+    DIGIT_BITS: tl.constexpr, MAX_SEGMENTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     seg = tl.program_id(1)
     keep = tl.load(Keep + row).to(tl.int32)
     pad = tl.load(Pad + row // num_heads).to(tl.int32)
-    threshold, _ = _radix_state(Hist, row, num_rows, keep, ROUNDS)
+    threshold, _ = _radix_state(Hist, row, num_rows, keep, 32 // DIGIT_BITS, DIGIT_BITS)
     n_gt = 0
     n_eq = 0
     start = seg * seg_len
@@ -112,13 +124,13 @@ def _write_kernel(
     Scores, Keep, Pad, Hist, CountGt, CountEq, Out,
     stride_sr, stride_or, num_heads, num_rows, prefix_len, seg_len, num_segments,
     seq_len, window, width,
-    ROUNDS: tl.constexpr, MAX_SEGMENTS: tl.constexpr, BLOCK: tl.constexpr,
+    DIGIT_BITS: tl.constexpr, MAX_SEGMENTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     seg = tl.program_id(1)
     keep = tl.load(Keep + row).to(tl.int32)
     pad = tl.load(Pad + row // num_heads).to(tl.int32)
-    threshold, take_eq = _radix_state(Hist, row, num_rows, keep, ROUNDS)
+    threshold, take_eq = _radix_state(Hist, row, num_rows, keep, 32 // DIGIT_BITS, DIGIT_BITS)
     take_eq = tl.where(keep > 0, take_eq, 0)
     out_row = Out + row.to(tl.int64) * stride_or
 
@@ -205,16 +217,18 @@ def top_k_per_head(
     grid = (rows, num_segments)
     common = (flat.stride(0), num_heads, rows, prefix_len, seg_len)
     for r in range(_ROUNDS):
-        _radix_hist_kernel[grid](flat, keep_rows, pad, hist, *common, ROUND=r, BLOCK=block, num_warps=4)
+        _radix_hist_kernel[grid](
+            flat, keep_rows, pad, hist, *common, ROUND=r, DIGIT_BITS=_DIGIT_BITS, BLOCK=block, num_warps=4,
+        )
     _count_kernel[grid](
         flat, keep_rows, pad, hist, count_gt, count_eq, *common,
-        ROUNDS=_ROUNDS, MAX_SEGMENTS=_MAX_SEGMENTS, BLOCK=block, num_warps=4,
+        DIGIT_BITS=_DIGIT_BITS, MAX_SEGMENTS=_MAX_SEGMENTS, BLOCK=block, num_warps=4,
     )
     _write_kernel[grid](
         flat, keep_rows, pad, hist, count_gt, count_eq, out,
         flat.stride(0), out.stride(1), num_heads, rows, prefix_len, seg_len, num_segments,
         seq_len, window, width,
-        ROUNDS=_ROUNDS, MAX_SEGMENTS=_MAX_SEGMENTS, BLOCK=block, num_warps=4,
+        DIGIT_BITS=_DIGIT_BITS, MAX_SEGMENTS=_MAX_SEGMENTS, BLOCK=block, num_warps=4,
     )
     num_kept = keep + seq_lens.clamp(max=window)[:, None]
     return out, num_kept

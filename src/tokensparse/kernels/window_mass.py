@@ -10,9 +10,11 @@ Two passes over the keys, both reading K straight from its (B, Hkv, L, D) layout
    heads of a group are adjacent in the grid, so their reads of the shared K
    chunk mostly hit L2.
 2. ``_window_mass_kernel``: for each KV head and key block, loads the key tile
-   once and, for every query head of the group and every window row, adds
-   ``exp2(logit - lse)`` into the key's column; the sum over rows divided by W
-   is the mean mass.
+   once and, for every query head of the group and window row block, computes
+   the transposed probabilities ``exp2(logit - lse)`` (keys x rows, as
+   ``K Q^T``) and sums each key's row; the sum over window rows divided by W is
+   the mean mass. Keys on the rows keep that sum inside a warp on the MMA
+   accumulator layout (a column sum would cross warps on every row block).
 
 Accumulation is float32. The sequence length, window and chunk length are
 run-time arguments, so a new length does not compile a new kernel.
@@ -144,12 +146,12 @@ def _window_mass_kernel(
 
     # -- load the key tile once for the whole GQA group --
     k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-    kt = tl.load(
-        k_base + cols.to(tl.int64)[None, :] * stride_kl + d[:, None] * stride_kd,
-        mask=col_ok[None, :] & d_ok[:, None], other=0.0,
+    k = tl.load(
+        k_base + cols.to(tl.int64)[:, None] * stride_kl + d[None, :] * stride_kd,
+        mask=col_ok[:, None] & d_ok[None, :], other=0.0,
     )
     if UPCAST:
-        kt = kt.to(tl.float32)
+        k = k.to(tl.float32)
     col_allowed = col_ok
     if HAS_MASK:
         real = tl.load(Mask + b.to(tl.int64) * stride_mb + cols * stride_ml, mask=col_ok, other=0)
@@ -177,13 +179,14 @@ def _window_mass_kernel(
             lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
             if UPCAST:
                 q = q.to(tl.float32)
-            # -- probabilities of this row block on the key tile --
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION)
-            p = tl.math.exp2(s * qk_scale - lse[:, None])
+            # -- probabilities of this row block on the key tile, keys on rows --
+            # (transposed so the sum over window rows stays within a warp)
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
             if causal:
-                p = tl.where(cols[None, :] <= q_pos[:, None], p, 0.0)
-            acc += tl.sum(p, 0)
-        # Padding keys and keys past L are dropped once per column, not per element.
+                p_t = tl.where(cols[:, None] <= q_pos[None, :], p_t, 0.0)
+            acc += tl.sum(p_t, 1)
+        # Padding keys and keys past L are dropped once per key, not per element.
         out = Out + (b * num_heads + h).to(tl.int64) * seq_len + cols
         tl.store(out, tl.where(col_allowed, acc * inv_window, 0.0), mask=col_ok)
 
@@ -201,8 +204,14 @@ class LaunchConfig:
 
 # Candidates tried once per (group, head_dim, dtype, window, length bucket) on a
 # GPU; the fastest is kept. The interpreter uses the small fixed one.
-STATS_CONFIGS = (LaunchConfig(64, 64, 4, 3, 4), LaunchConfig(128, 64, 8, 3, 2), LaunchConfig(64, 128, 8, 3, 4))
-MASS_CONFIGS = (LaunchConfig(64, 128, 8, 2), LaunchConfig(128, 128, 8, 2), LaunchConfig(64, 64, 4, 2))
+# (64, 64, 4, 2) won pass 1 only at head_dim 64 on the H200 (20% there); 128 x 128
+# tiles won nowhere.
+STATS_CONFIGS = (LaunchConfig(64, 64, 4, 3, 4), LaunchConfig(128, 64, 8, 3, 2), LaunchConfig(64, 128, 8, 3, 4),
+                 LaunchConfig(64, 64, 4, 2, 4))
+# Pass 2 (keys on the MMA's rows): on the H200, 2 stages and 4 warps per 64-128
+# keys were fastest; 3 stages or 8 warps on 128 x 128 cost up to 1.7x.
+MASS_CONFIGS = (LaunchConfig(64, 128, 4, 2), LaunchConfig(64, 256, 8, 2), LaunchConfig(128, 128, 4, 2),
+                LaunchConfig(64, 64, 4, 2))
 _WIDE_HEAD = LaunchConfig(32, 64, 4, 2, 4)  # head_dim > 128
 _INTERPRETER = LaunchConfig(32, 32, 4, 1, 4)
 _picked: dict[tuple, LaunchConfig] = {}
@@ -270,7 +279,11 @@ def _choose(pass_name, shape_class, candidates, run, query) -> LaunchConfig:
     if cache_key not in _picked:
         times = []
         for config in candidates:
-            run(config)  # compile and warm up
+            try:
+                run(config)  # compile and warm up
+            except triton.runtime.errors.OutOfResources:  # e.g. float32 tiles over shared memory
+                times.append(math.inf)
+                continue
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(3):
@@ -278,6 +291,8 @@ def _choose(pass_name, shape_class, candidates, run, query) -> LaunchConfig:
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
+        if min(times) == math.inf:
+            raise RuntimeError(f"window_mass {pass_name} pass: no launch candidate fits this GPU for {shape_class}")
         _picked[cache_key] = candidates[times.index(min(times))]
         logger.info("window_mass %s pass for %s: %s (ms x3: %s)", pass_name, shape_class, _picked[cache_key], times)
     return _picked[cache_key]
