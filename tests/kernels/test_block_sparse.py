@@ -1,23 +1,19 @@
 """The block-sparse causal attention kernel against its PyTorch reference.
 
 Runs the Triton kernel on CUDA, or on the CPU with TRITON_INTERPRET=1 (CI);
-without either, only the reference and the dispatch are tested. The TMA variant
-(``tma=True``) runs where :func:`tma_unsupported` allows it: Hopper, or the
-interpreter, which emulates tensor descriptors.
+without either, only the reference and the dispatch are tested.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tokensparse.kernels import block_sparse as bs
 from tokensparse.kernels.block_sparse import (
     block_mask_from_lists,
     block_sparse_attention,
     block_sparse_attention_ref,
     lists_from_block_mask,
     num_blocks,
-    tma_unsupported,
     use_triton,
     visited_share,
 )
@@ -25,10 +21,6 @@ from tokensparse.kernels.block_sparse import (
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL = use_triton(torch.empty(0, device=DEVICE), "auto")
 needs_kernel = pytest.mark.skipif(not KERNEL, reason="needs CUDA or TRITON_INTERPRET=1")
-_probe = torch.empty(1, 1, 16, 64, device=DEVICE)
-TMA = KERNEL and tma_unsupported(_probe, _probe, _probe) is None
-needs_tma = pytest.mark.skipif(not TMA, reason="the TMA variant needs Hopper or TRITON_INTERPRET=1")
-TMA_PARAMS = [False, pytest.param(True, marks=needs_tma)]
 
 
 def rel_err(out, ref):
@@ -50,14 +42,12 @@ def make_qkv(batch, heads, kv_heads, length, dim, dim_v, dtype):
     return q, k, v
 
 
-def check(q, k, v, idx, cnt, block, *, seq_lens=None, out=None, tiles=None, tma=False):
+def check(q, k, v, idx, cnt, block, *, seq_lens=None, out=None, tiles=None):
     """Kernel vs float64 reference; the tolerance comes from the error of the
     reference itself run at the inputs' precision."""
     if out is not None:
         out.fill_(float("nan"))  # poison: every element must be written
-    got = block_sparse_attention(
-        q, k, v, idx, cnt, block, seq_lens=seq_lens, out=out, backend="triton", tiles=tiles, tma=tma
-    )
+    got = block_sparse_attention(q, k, v, idx, cnt, block, seq_lens=seq_lens, out=out, backend="triton", tiles=tiles)
     if out is not None:
         assert got.data_ptr() == out.data_ptr()
     assert not got.isnan().any(), "unwritten or NaN output"
@@ -80,38 +70,23 @@ CASES = [
     (2, 3, 1, 97, 64, 64, 16, torch.float16, (16, 16, 4, 1)),  # MQA, tiny blocks
     (1, 4, 2, 203, 48, 32, 64, torch.float32, (32, 16, 4, 1)),  # D not a power of 2, Dv != D, tiles < block
 ]
-TMA_CASES = [  # head dims the TMA variant takes (64, 128, 256)
-    (1, 2, 2, 128, 64, 64, 32, torch.float32, (32, 32, 4, 1)),  # MHA, whole blocks
-    (2, 4, 2, 157, 64, 64, 32, torch.bfloat16, None),  # GQA, partial last block
-    (2, 3, 1, 97, 64, 64, 16, torch.float16, (16, 16, 4, 1)),  # MQA, tiny blocks
-    (1, 4, 2, 203, 128, 64, 64, torch.float32, (32, 16, 4, 1)),  # Dv != D, tiles < block
-]
-
-
-def _case_id(c):
-    return f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}D{c[4]}bs{c[6]}-{c[7]}".replace("torch.", "")
 
 
 @needs_kernel
-@pytest.mark.parametrize(
-    "case,tma",
-    [pytest.param(c, False, id=_case_id(c)) for c in CASES]
-    + [pytest.param(c, True, id="tma-" + _case_id(c), marks=needs_tma) for c in TMA_CASES],
-)
-def test_kernel_matches_reference(case, tma):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}D{c[4]}bs{c[6]}-{c[7]}".replace("torch.", ""))
+def test_kernel_matches_reference(case):
     batch, heads, kv_heads, length, dim, dim_v, block, dtype, tiles = case
     q, k, v = make_qkv(batch, heads, kv_heads, length, dim, dim_v, dtype)
     idx, cnt = random_pattern(batch, heads, length, block, 0.4)
     out = torch.empty(batch, heads, length, dim_v, dtype=dtype, device=DEVICE)
-    check(q, k, v, idx, cnt, block, out=out, tiles=tiles, tma=tma)
+    check(q, k, v, idx, cnt, block, out=out, tiles=tiles)
 
 
 @needs_kernel
-@pytest.mark.parametrize("tma", TMA_PARAMS)
-def test_kernel_per_head_lengths_and_missing_diagonal(tma):
+def test_kernel_per_head_lengths_and_missing_diagonal():
     # Compressed sequences: per-head valid rows, padding at the end holding junk;
     # some query blocks without their diagonal block, some heads shorter than a block.
-    q, k, v = make_qkv(2, 4, 4, 150, 64, 64, torch.float32)
+    q, k, v = make_qkv(2, 4, 4, 150, 32, 32, torch.float32)
     k[..., 120:, :] = 1e4  # junk past every head's length must never be read
     lens = torch.tensor([[120, 90, 33, 7], [1, 64, 100, 119]], device=DEVICE)
     idx, cnt = random_pattern(2, 4, 150, 32, 0.5, keep_diag=False)
@@ -120,12 +95,7 @@ def test_kernel_per_head_lengths_and_missing_diagonal(tma):
     nq = (lens + 31) // 32
     mask &= torch.arange(5, device=DEVICE)[:, None] < nq[..., None, None]
     idx, cnt = lists_from_block_mask(mask)
-    got = check(q, k, v, idx, cnt, 32, seq_lens=lens, tiles=(16, 32, 4, 1), tma=tma)
-    # TMA reads the padding (it zero-fills only past L): an inf there must still not leak.
-    v[..., 120:, :] = float("inf")
-    tiles = (16, 32, 4, 1)
-    again = block_sparse_attention(q, k, v, idx, cnt, 32, seq_lens=lens, backend="triton", tiles=tiles, tma=tma)
-    assert torch.equal(again, got)
+    check(q, k, v, idx, cnt, 32, seq_lens=lens, tiles=(16, 32, 4, 1))
 
 
 @needs_kernel
@@ -139,13 +109,12 @@ def test_kernel_writes_transformers_layout():
 
 
 @needs_kernel
-@pytest.mark.parametrize("tma", TMA_PARAMS)
-def test_kernel_reads_strided_inputs(tma):
+def test_kernel_reads_strided_inputs():
     # transformers hands over q/k/v as (B, L, H, D) projections seen through .transpose(1, 2).
-    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(2, 4, 2, 90, 64, 64, torch.float16))
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(2, 4, 2, 90, 32, 32, torch.float16))
     assert not q.is_contiguous()
     idx, cnt = random_pattern(2, 4, 90, 16, 0.5)
-    check(q, k, v, idx, cnt, 16, tiles=(16, 16, 4, 1), tma=tma)
+    check(q, k, v, idx, cnt, 16, tiles=(16, 16, 4, 1))
 
 
 @needs_kernel
@@ -205,24 +174,6 @@ def test_dispatch(monkeypatch):
     idx, cnt = lists_from_block_mask(torch.ones(1, 2, 3, 3, dtype=torch.bool))
     got = block_sparse_attention(q, k, v, idx, cnt, 16)
     torch.testing.assert_close(got, block_sparse_attention_ref(q, k, v, idx, cnt, 16))
-
-
-def test_tma_switch(monkeypatch):
-    q, k, v = make_qkv(1, 2, 1, 40, 64, 64, torch.float32)
-    eligible = tma_unsupported(q, k, v) is None
-    monkeypatch.setenv("TOKENSPARSE_TMA", "0")
-    assert not bs._pick_tma(q, k, v, None)
-    monkeypatch.setenv("TOKENSPARSE_TMA", "1")  # read at each call
-    assert bs._pick_tma(q, k, v, None) == (eligible and not bs.interpreter_on())
-    assert not bs._pick_tma(q, k, v, False)
-    if eligible:
-        assert bs._pick_tma(q, k, v, True)
-    # Layouts TMA cannot describe fall back under the switch and are refused with tma=True.
-    for kk, vv in ((k[..., :48], v[..., :48]), (k.expand(1, 2, 40, 64), v.expand(1, 2, 40, 64))):
-        assert tma_unsupported(q, kk, vv) is not None
-        assert not bs._pick_tma(q, kk, vv, None)
-        with pytest.raises(ValueError, match="tma=True"):
-            bs._pick_tma(q, kk, vv, True)
 
 
 def test_launcher_validates():

@@ -6,67 +6,40 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _load_kv(
-    K, V, b, kvh, start_n, seq_len,
-    stride_kn, stride_kd, stride_vn, stride_vd,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, TMA: tl.constexpr,
-):
-    """K (BLOCK_N, BLOCK_D) and V (BLOCK_N, BLOCK_DV) rows start_n.. of one KV head.
-
-    TMA: K, V are (B, Hkv, L, D) tensor descriptors with blocks [1, 1, BLOCK_N, D]
-    and D == BLOCK_D; otherwise the head's base pointers (b, kvh unused)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    if TMA:
-        k = K.load([b, kvh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        v = V.load([b, kvh, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
-        if MASK:
-            # TMA zero-fills only past L; rows in [seq_len, L) may hold junk. The
-            # causal mask hides it from the logits, but p = 0 times an inf in V is NaN.
-            v = tl.where(offs_n[:, None] < seq_len, v, 0.0)
-    else:
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-        # masks only where a tile can leave the valid rows or dims
-        if MASK:
-            row_ok = offs_n[:, None] < seq_len
-            k = tl.load(k_ptrs, mask=row_ok & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            v = tl.load(v_ptrs, mask=row_ok & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        else:
-            if BLOCK_D == HEAD_DIM:
-                k = tl.load(k_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            if BLOCK_DV == HEAD_DIM_V:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
-    return k, v
-
 
 @triton.jit
 def _tile(
-    acc, l_i, m_i, q, K, V, b, kvh, start_n, offs_m, seq_len,
+    acc, l_i, m_i, q, k_head, v_head, start_n, offs_m, seq_len,
     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    k, v = _load_kv(
-        K, V, b, kvh, start_n, seq_len, stride_kn, stride_kd, stride_vn, stride_vd,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK, TMA,
-    )
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_ptrs = k_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = v_head + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    # -- load K, V (masks only where a tile can leave the valid rows or dims) --
+    if MASK:
+        row_ok = offs_n[:, None] < seq_len
+        k = tl.load(k_ptrs, mask=row_ok & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(v_ptrs, mask=row_ok & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        if BLOCK_DV == HEAD_DIM_V:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     # -- compute qk --
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASK:
-        offs_n = start_n + tl.arange(0, BLOCK_N)
         qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
     # -- online softmax, base 2 --
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -90,9 +63,8 @@ def _block_sparse_fwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PATTERN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """TMA: K and V are tensor descriptors (see :func:`_load_kv`), their strides unused."""
     tl.static_assert(PATTERN_BLOCK % BLOCK_M == 0)
     tl.static_assert(PATTERN_BLOCK % BLOCK_N == 0)
     TILES_PER_BLOCK: tl.constexpr = PATTERN_BLOCK // BLOCK_N
@@ -116,18 +88,8 @@ def _block_sparse_fwd(
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if UPCAST:  # the CPU interpreter multiplies bf16 bit patterns as integers in tl.dot
         q = q.to(tl.float32)
-    if TMA:
-        tl.static_assert(BLOCK_D == HEAD_DIM)  # descriptor blocks are the whole head dim
-        tl.static_assert(BLOCK_DV == HEAD_DIM_V)
-        k_src = K
-        v_src = V
-        b_kv = b.to(tl.int32)  # descriptor coordinates are int32
-        kvh_kv = kvh.to(tl.int32)
-    else:
-        k_src = K + b * stride_kb + kvh * stride_kh
-        v_src = V + b * stride_vb + kvh * stride_vh
-        b_kv = b
-        kvh_kv = kvh
+    k_head = K + b * stride_kb + kvh * stride_kh
+    v_head = V + b * stride_vb + kvh * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -137,9 +99,9 @@ def _block_sparse_fwd(
         kb = tl.load(idx_base + i // TILES_PER_BLOCK)
         start_n = kb * PATTERN_BLOCK + (i % TILES_PER_BLOCK) * BLOCK_N
         acc, l_i, m_i = _tile(
-            acc, l_i, m_i, q, k_src, v_src, b_kv, kvh_kv, start_n, offs_m, seq_len,
+            acc, l_i, m_i, q, k_head, v_head, start_n, offs_m, seq_len,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, TMA, UPCAST, DOT_PRECISION,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, UPCAST, DOT_PRECISION,
         )
     # -- the last listed block (the diagonal when kept): causal and length masks --
     kb = tl.load(idx_base + tl.maximum(cnt - 1, 0))
@@ -148,9 +110,9 @@ def _block_sparse_fwd(
     hi = tl.where(cnt > 0, hi, lo)
     for start_n in range(lo, hi, BLOCK_N):
         acc, l_i, m_i = _tile(
-            acc, l_i, m_i, q, k_src, v_src, b_kv, kvh_kv, start_n, offs_m, seq_len,
+            acc, l_i, m_i, q, k_head, v_head, start_n, offs_m, seq_len,
             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, TMA, UPCAST, DOT_PRECISION,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, UPCAST, DOT_PRECISION,
         )
     # -- normalise; rows past the head's length (or that saw nothing) are zero --
     row_ok = (offs_m < seq_len) & (l_i > 0)

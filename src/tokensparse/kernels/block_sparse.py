@@ -20,11 +20,6 @@ Inside a visited block attention is causal; a block not listed contributes
 nothing. The kernel visits only the listed blocks: every listed block but the
 last runs without masks (it lies strictly below the diagonal), the last one with
 the causal and length masks.
-
-Opt-in TMA variant (Hopper): with ``TOKENSPARSE_TMA=1`` (read at each call) or
-``tma=True`` the kernel loads K and V tiles through tensor descriptors (bulk
-tensor copies) instead of pointer loads, with the same results;
-scripts/gpu_tma_probe.py times the two.
 """
 
 from __future__ import annotations
@@ -44,7 +39,6 @@ from ._launch import dot_precision
 _CUDA_TILES = (128, 128, 8, 3)
 _CUDA_FALLBACK_TILES = (128, 64, 8, 3)
 _INTERPRETER_TILES = (64, 128, 4, 1)
-_TMA_HEAD_DIMS = (64, 128, 256)
 
 
 def triton_available() -> bool:
@@ -69,47 +63,6 @@ def use_triton(tensor: torch.Tensor, backend: str) -> bool:
     if backend == "auto":
         return runnable
     raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-
-
-def _tma_enabled() -> bool:
-    """The opt-in switch of the TMA variant, read at call time."""
-    return os.environ.get("TOKENSPARSE_TMA", "0") == "1"
-
-
-def tma_unsupported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
-    """Why the TMA variant cannot run on these tensors (None if it can).
-
-    Runs on Hopper or later, and under TRITON_INTERPRET=1 (which emulates the
-    descriptors; the switch alone never picks it there, only ``tma=True`` does)."""
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (triton >= 3.4)
-    except ImportError:
-        return "triton.tools.tensor_descriptor is missing"
-    if not interpreter_on():
-        if not query.is_cuda:
-            return "needs a CUDA tensor"
-        if torch.cuda.get_device_capability(query.device)[0] < 9:
-            return "needs compute capability >= 9 (Hopper)"
-    if key.shape[-1] not in _TMA_HEAD_DIMS or value.shape[-1] not in _TMA_HEAD_DIMS:
-        return f"head dims must be in {_TMA_HEAD_DIMS}, got {key.shape[-1]} and {value.shape[-1]}"
-    for name, t in (("key", key), ("value", value)):
-        # TMA's global address and strides are in 16-byte units; a zero stride
-        # (an expanded tensor) is not a layout it can describe.
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s <= 0 or s * size % 16 for s in t.stride()[:-1]):
-            return f"{name} needs a 16-byte aligned base, unit last stride and 16-byte multiple strides"
-    return None
-
-
-def _pick_tma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tma: bool | None) -> bool:
-    if tma is None:
-        return _tma_enabled() and not interpreter_on() and tma_unsupported(query, key, value) is None
-    if not tma:
-        return False
-    reason = tma_unsupported(query, key, value)
-    if reason is not None:
-        raise ValueError(f"tma=True: {reason}")
-    return True
 
 
 # ---------------------------------------------------------------- pattern formats
@@ -216,7 +169,6 @@ def block_sparse_attention(
     out: torch.Tensor | None = None,
     backend: str = "auto",
     tiles: tuple[int, int, int, int] | None = None,
-    tma: bool | None = None,
 ) -> torch.Tensor:
     """Causal attention over the listed key blocks of every query block.
 
@@ -230,10 +182,6 @@ def block_sparse_attention(
             the PyTorch reference otherwise), "triton" or "torch".
         tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) for the Triton kernel;
             BLOCK_M and BLOCK_N powers of two >= 16 dividing ``block_size``.
-        tma: load K/V tiles through TMA tensor descriptors. None: when
-            ``TOKENSPARSE_TMA=1`` and :func:`tma_unsupported` finds nothing
-            (never under the interpreter); False: never; True: always, or
-            ValueError with :func:`tma_unsupported`'s reason.
 
     Returns:
         (B, H, L, Dv) in the query's dtype (``out`` if given).
@@ -267,18 +215,16 @@ def block_sparse_attention(
         out = torch.empty(batch, num_heads, seq_len, value.shape[-1], dtype=query.dtype, device=query.device)
     block_idx = block_idx.to(torch.int32).contiguous()
     block_cnt = block_cnt.to(torch.int32).contiguous()
-    args = (query, key, value, out, block_idx, block_cnt, lens, block_size, scale)
-    use_tma = _pick_tma(query, key, value, tma)
     if tiles is None and query.is_cuda:
         try:
-            return _launch(*args, _CUDA_TILES, use_tma)
+            return _launch(query, key, value, out, block_idx, block_cnt, lens, block_size, scale, _CUDA_TILES)
         except triton.runtime.errors.OutOfResources:
-            return _launch(*args, _CUDA_FALLBACK_TILES, use_tma)
+            return _launch(query, key, value, out, block_idx, block_cnt, lens, block_size, scale, _CUDA_FALLBACK_TILES)
     tiles = _INTERPRETER_TILES if tiles is None else tiles
-    return _launch(*args, tiles, use_tma)
+    return _launch(query, key, value, out, block_idx, block_cnt, lens, block_size, scale, tiles)
 
 
-def _launch(query, key, value, out, block_idx, block_cnt, lens, block_size, scale, tiles, use_tma) -> torch.Tensor:
+def _launch(query, key, value, out, block_idx, block_cnt, lens, block_size, scale, tiles) -> torch.Tensor:
     import triton
 
     batch, num_heads, seq_len, head_dim = query.shape
@@ -289,18 +235,9 @@ def _launch(query, key, value, out, block_idx, block_cnt, lens, block_size, scal
         if tile < 16 or tile & (tile - 1) or block_size % tile:
             raise ValueError(f"{name}={tile} must be a power of two >= 16 dividing block_size={block_size}")
     grid = (triton.cdiv(seq_len, block_m), batch * num_heads)
-    k_arg, v_arg = key, value
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        # 4-D over (B, Hkv, L, D) with the tensors' own strides: TMA zero-fills
-        # rows past L, so the partial last block reads in bounds.
-        k_arg, v_arg = (
-            TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, t.shape[-1]]) for t in (key, value)
-        )
     kernel = _kernel()
     kernel[grid](
-        query, k_arg, v_arg, out, block_idx, block_cnt, lens,
+        query, key, value, out, block_idx, block_cnt, lens,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
         num_heads, num_heads // key.shape[1], seq_len, scale * math.log2(math.e),
@@ -313,7 +250,6 @@ def _launch(query, key, value, out, block_idx, block_cnt, lens, block_size, scal
         BLOCK_N=block_n,
         UPCAST=(not query.is_cuda) and query.dtype == torch.bfloat16,
         DOT_PRECISION=dot_precision(query.dtype),
-        TMA=use_tma,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -337,5 +273,4 @@ __all__ = [
     "visited_share",
     "num_blocks",
     "use_triton",
-    "tma_unsupported",
 ]
