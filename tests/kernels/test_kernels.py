@@ -6,6 +6,8 @@ when a GPU is present. Fresh seeded random inputs per case, never zeros.
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -22,6 +24,11 @@ if ON_GPU:
 else:
     SHAPES = [(1, 4, 1, 157, 64, 40), (2, 2, 2, 131, 128, 33)]
 DTYPES = [torch.bfloat16, torch.float32]
+
+
+def _seed(*parts) -> int:
+    """A per-case seed that is the same in every run (``hash`` of a str is salted per process)."""
+    return zlib.crc32(repr(parts).encode()) % 2**31
 
 
 def _rand(*shape, dtype, seed):
@@ -49,7 +56,7 @@ def test_window_mass(shape, dtype, padded):
     from tokensparse.kernels.window_mass import window_mass
 
     b, h, hkv, seq_len, d, w = shape
-    seed = hash((shape, str(dtype), padded)) % 2**31
+    seed = _seed((shape, str(dtype), padded))
     q = _rand(b, h, seq_len, d, dtype=dtype, seed=seed) * 2  # peaked softmax
     k = _rand(b, hkv, seq_len, d, dtype=dtype, seed=seed + 1)
     mask = _padding_mask(b, seq_len, seed) if padded else None
@@ -75,7 +82,7 @@ def test_top_k_matches_reference_exactly(case):
 
     b, h, w = 2, 2, 17
     prefix = 20000 if ON_GPU else 301
-    seed = hash(case) % 2**31
+    seed = _seed(case)
     scores = _scores_with_ties(b, h, prefix, seed)
     seq_len = prefix + w
     if case == "fixed":
@@ -139,7 +146,7 @@ def test_gather_kept(shape, dtype):
     from tokensparse.kernels.gather import gather_kept
 
     b, h, hkv, seq_len, d, w = shape
-    seed = hash((shape, str(dtype))) % 2**31
+    seed = _seed((shape, str(dtype)))
     q = _rand(b, h, seq_len, d, dtype=dtype, seed=seed)
     # Non-contiguous K/V, as transformers hands them over.
     k = _rand(b, seq_len, hkv, d, dtype=dtype, seed=seed + 1).transpose(1, 2)
@@ -173,7 +180,7 @@ def test_scatter_kept(shape, dtype, layout):
     from tokensparse.kernels.scatter import scatter_kept
 
     b, h, _, seq_len, d, w = shape
-    seed = hash((shape, str(dtype), layout)) % 2**31
+    seed = _seed((shape, str(dtype), layout))
     idx = _random_kept_idx(b, h, seq_len, w, seed)
     out_c = _rand(b, h, idx.shape[-1], d, dtype=dtype, seed=seed)
     got = scatter_kept(out_c, idx, seq_len, layout)
