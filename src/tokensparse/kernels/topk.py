@@ -63,6 +63,16 @@ def _radix_state(Hist, row, num_rows, keep, ROUNDS_DONE: tl.constexpr, DIGIT_BIT
 
 
 @triton.jit
+def _block_keys(Scores, row, stride_sr, off, end, pad, BLOCK: tl.constexpr):
+    """Positions ``off + [0, BLOCK)`` of a row, which of them count (inside the
+    segment, past the left padding), and their order keys."""
+    pos = off + tl.arange(0, BLOCK)
+    ok = (pos < end) & (pos >= pad)
+    key = _order_key(tl.load(Scores + row.to(tl.int64) * stride_sr + pos, mask=ok, other=0.0))
+    return pos, ok, key
+
+
+@triton.jit
 def _radix_hist_kernel(
     Scores, Keep, Pad, Hist,
     stride_sr, num_heads, num_rows, prefix_len, seg_len,
@@ -80,9 +90,7 @@ def _radix_hist_kernel(
     start = seg * seg_len
     end = tl.minimum(start + seg_len, prefix_len)
     for off in range(start, end, BLOCK):
-        pos = off + tl.arange(0, BLOCK)
-        ok = (pos < end) & (pos >= pad)
-        key = _order_key(tl.load(Scores + row.to(tl.int64) * stride_sr + pos, mask=ok, other=0.0))
+        pos, ok, key = _block_keys(Scores, row, stride_sr, off, end, pad, BLOCK)
         digit = (key >> SHIFT) & (BINS - 1)
         if ROUND == 0:
             digit = digit ^ (BINS // 2)
@@ -110,9 +118,7 @@ def _count_kernel(
     start = seg * seg_len
     end = tl.minimum(start + seg_len, prefix_len)
     for off in range(start, end, BLOCK):
-        pos = off + tl.arange(0, BLOCK)
-        ok = (pos < end) & (pos >= pad)
-        key = _order_key(tl.load(Scores + row.to(tl.int64) * stride_sr + pos, mask=ok, other=0.0))
+        pos, ok, key = _block_keys(Scores, row, stride_sr, off, end, pad, BLOCK)
         n_gt += tl.sum((ok & (key > threshold)).to(tl.int32), 0)
         n_eq += tl.sum((ok & (key == threshold)).to(tl.int32), 0)
     tl.store(CountGt + row * MAX_SEGMENTS + seg, n_gt)
@@ -149,9 +155,7 @@ def _write_kernel(
     start = seg * seg_len
     end = tl.minimum(start + seg_len, prefix_len)
     for off in range(start, end, BLOCK):
-        pos = off + tl.arange(0, BLOCK)
-        ok = (pos < end) & (pos >= pad)
-        key = _order_key(tl.load(Scores + row.to(tl.int64) * stride_sr + pos, mask=ok, other=0.0))
+        pos, ok, key = _block_keys(Scores, row, stride_sr, off, end, pad, BLOCK)
         gt = ok & (key > threshold) & (keep > 0)
         eq = (ok & (key == threshold)).to(tl.int32)
         eq_rank = eq_seen + tl.cumsum(eq, 0) - eq
