@@ -204,14 +204,15 @@ def select_tokens(
     ops = ops_for(query, config.backend)
     mass = ops.window_mass(query, key, window, scale, key_padding_mask)  # (B, H, L)
     prefix_mass = mass[..., : seq_len - window]
-    prefix_lens = (seq_lens - window).clamp(min=0)
     scores = smooth_scores(prefix_mass, config.kernel_size)
     if key_padding_mask is not None:
         # Pooling spills real scores onto the padding next to them; a sequence
         # alone has no such positions, so they must not count.
         scores = scores.masked_fill(~key_padding_mask[:, None, : seq_len - window], 0.0)
-    max_keep = _host_max_keep(config, seq_len, key_padding_mask)
-    if max_keep is None:
+    max_keep = fixed_budget(config, seq_len, key_padding_mask)
+    fixed = max_keep is not None
+    if not fixed:
+        prefix_lens = (seq_lens - window).clamp(min=0)
         keep = token_budget(scores, prefix_lens, config)
         dense = (keep == prefix_lens[:, None]).all(dim=1)
         # The budget depends on the scores: read its maximum and whether every
@@ -228,15 +229,18 @@ def select_tokens(
 
     top_k = ops.top_k or top_k_per_head
     kept_idx, num_kept = top_k(scores, keep, seq_lens, window, max_keep=max_keep)
-    # Mass on kept prefix tokens; padding entries point past the prefix and read 0.
-    prefix_padded = F.pad(prefix_mass, (0, 1))
-    kept_prefix = torch.gather(prefix_padded, 2, kept_idx.clamp(max=seq_len - window))
+    if fixed:
+        # Every head keeps max_keep prefix tokens, which sort before the window.
+        kept_prefix = torch.gather(prefix_mass, 2, kept_idx[..., :max_keep])
+    else:
+        # Entries past a head's prefix tokens (window, padding) point past the prefix and read 0.
+        kept_prefix = torch.gather(F.pad(prefix_mass, (0, 1)), 2, kept_idx.clamp(max=seq_len - window))
     dropped = (prefix_mass.sum(-1) - kept_prefix.sum(-1)).clamp(min=0).float()
     return TokenSelection(kept_idx, num_kept, seq_lens, dense, dropped, seq_len)
 
 
-def _host_max_keep(config: TokenSparseConfig, seq_len: int, key_padding_mask: torch.Tensor | None) -> int | None:
-    """``max(keep)`` computed on the host, where the budget does not depend on the scores.
+def fixed_budget(config: TokenSparseConfig, seq_len: int, key_padding_mask: torch.Tensor | None) -> int | None:
+    """Prefix tokens every head keeps, computed on the host, where the budget does not depend on the scores.
 
     Fixed budgets (``keep_ratio``, ``keep_tokens``) without padding give every
     head the same count, a function of L alone; :func:`token_budget` computes

@@ -27,6 +27,10 @@ def test_bench_attention_cli_tiny(tmp_path, capsys):
     assert 0.5 < keep["kept_share"] < 0.8  # half the prefix plus the window
     for stage in ("score", "select", "gather", "attend", "scatter"):
         assert keep["stages_ms"][stage] > 0
+    assert "budget" not in keep["stages_ms"]  # a fixed budget runs no device op
+    assert "budget" in next(e for e in row["sparse"] if e["budget"] == "coverage")["stages_ms"]
+    assert keep["effective_tflops"] > 0 and keep["total_over_attend"] > 0
+    assert "total_queued" not in keep  # queued timing is CUDA only
     assert keep["speedup_vs_default"] > 0
     assert (tmp_path / "attention.png").stat().st_size > 0
     assert "B=1 L=96" in capsys.readouterr().out

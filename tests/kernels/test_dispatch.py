@@ -131,11 +131,11 @@ def _overlap(idx_a, idx_b, seq_len):
 )
 def test_host_budget_equals_device_budget(config, seq_len):
     """Fixed budgets are computed on the host (no device op, no sync); every head's value must equal token_budget's."""
-    from tokensparse.selection import _host_max_keep, token_budget
+    from tokensparse.selection import fixed_budget, token_budget
 
     prefix = seq_len - config.window
     scores = torch.rand(2, 3, max(prefix, 0))
     keep = token_budget(scores, torch.full((2,), prefix), config)
-    host = _host_max_keep(config, seq_len, None)
+    host = fixed_budget(config, seq_len, None)
     assert bool((keep == host).all()), (host, keep)
-    assert _host_max_keep(config, seq_len, torch.ones(2, seq_len, dtype=torch.bool)) is None
+    assert fixed_budget(config, seq_len, torch.ones(2, seq_len, dtype=torch.bool)) is None

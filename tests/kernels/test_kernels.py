@@ -250,3 +250,34 @@ def test_window_mass_every_launch_candidate():
         for mass in MASS_CONFIGS:
             out = window_mass(q, k, w, stats_config=stats, mass_config=mass)
             assert _rel_err(out, expected) < 1e-4, (stats, mass)
+
+
+@pytest.mark.parametrize("num_heads, step", [(32, 12), (32, 2), (32, 29), (32, 32), (8, 3), (9, 4), (3, 2), (5, 1)])
+def test_chunk_sizes_cover_every_head_with_small_edges(num_heads, step):
+    from tokensparse.kernels.pipeline import chunk_sizes
+
+    sizes = chunk_sizes(num_heads, step)
+    assert sum(sizes) == num_heads and all(0 < s <= step for s in sizes)
+    if num_heads > step:
+        assert sizes[0] == sizes[-1] == max(1, step // 4)
+
+
+@requires_kernels
+def test_attend_kept_with_uneven_chunks():
+    """8 heads, 3 per chunk by the budget: chunks of 1, 3, 3, 1 heads (small first and last)."""
+    from tokensparse.kernels.pipeline import attend_kept, chunk_sizes, heads_per_chunk
+
+    h, hkv, seq_len, d, w = 8, 2, 203, 64, 8
+    seed = _seed("uneven chunks")
+    q = _rand(1, h, seq_len, d, dtype=torch.bfloat16, seed=seed)
+    k = _rand(1, hkv, seq_len, d, dtype=torch.bfloat16, seed=seed + 1)
+    v = _rand(1, hkv, seq_len, d, dtype=torch.bfloat16, seed=seed + 2)
+    idx = _random_kept_idx(1, h, seq_len, w, seed)
+    # Staging is off in layout blhd: a head's compact q, k, v and out, bf16.
+    budget = 3 * idx.shape[-1] * 4 * d * 2
+    assert chunk_sizes(h, heads_per_chunk(q, v, idx.shape[-1], budget)) == [1, 3, 3, 1]
+    got = attend_kept(q, k, v, idx, layout="blhd", chunk_budget=budget, num_streams=1)
+    want_c = torch.nn.functional.scaled_dot_product_attention(*ref.gather_kept_ref(q, k, v, idx), is_causal=True)
+    want = ref.scatter_kept_ref(want_c, idx, seq_len, "blhd")
+    assert torch.isfinite(got).all()
+    assert _rel_err(got, want) < 1e-2

@@ -5,8 +5,9 @@ backend that accepts the inputs, then the methods asked for:
 
 * ``token_sparse``: fixed kept shares (``keep_ratio`` budgets) on the first
   input kind and coverage mode on each input kind, every stage timed on its own (score,
-  budget, top-k, gather, dense attention on the kept tokens, scatter) and the
-  whole op end to end;
+  budget where it runs on the device, top-k, gather, dense attention on the kept
+  tokens, scatter) and the whole op end to end: as a lone call, and on CUDA also
+  with its launches queued ahead (GPU time alone, as inside a model's forward);
 * ``flexprefill``: FlexPrefill on each input kind: end to end, its pattern
   estimation and its block-sparse kernel alone, the share of causal blocks
   visited, and the kernel's time over dense cuDNN's time scaled by that share;
@@ -34,7 +35,7 @@ from ..config import TokenSparseConfig
 from ..eval.methods import spec_for
 from ..flexprefill import FlexPrefillConfig, estimate_pattern, flexprefill_attention
 from ..kernels import block_sparse, ops_for, sdpa
-from ..selection import select_tokens, smooth_scores, token_budget
+from ..selection import fixed_budget, select_tokens, smooth_scores, token_budget
 from .timing import machine_info, peak_memory, time_fn
 
 logger = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ def _bench_sparse(
         scores = smooth_scores(mass[..., : length - window], config.kernel_size).contiguous()
         prefix_lens = torch.full((batch,), length - window, device=q.device, dtype=torch.long)
         keep = token_budget(scores, prefix_lens, config)
-        stages["budget"] = time_fn(lambda: token_budget(scores, prefix_lens, config), device, **timing).median_ms
+        if fixed_budget(config, length, None) is None:  # fixed budgets run no device op for it
+            stages["budget"] = time_fn(lambda: token_budget(scores, prefix_lens, config), device, **timing).median_ms
         seq_lens = torch.full((batch,), length, device=q.device, dtype=torch.long)
         max_keep = entry["kept_width"] - window
         if ops.top_k is not None:
@@ -238,6 +240,10 @@ def _bench_sparse(
         entry["attend_backend"] = sdpa.last_backend()
         entry["attend_ms_by_backend"] = kept_attention
         stages["attend"] = kept_attention.get(entry["attend_backend"], min(kept_attention.values()))
+        if device.type == "cuda":
+            entry["attend_queued_ms"] = time_fn(
+                lambda: sdpa.causal_attention(q_c, k_c, v_c), device, queued=True, **timing
+            ).median_ms
         out_c = sdpa.causal_attention(q_c, k_c, v_c)
         del q_c, k_c, v_c
         stages["scatter"] = time_fn(lambda: ops.scatter_kept(out_c, idx, length, "bhld"), device, **timing).median_ms
@@ -257,6 +263,12 @@ def _bench_sparse(
         entry["overhead_ms"] = total.median_ms - stages["attend"]
         entry["total_over_attend"] = total.median_ms / stages["attend"]
         entry["effective_tflops"] = entry["kept_flops"] / (total.median_ms * 1e-3) / 1e12
+    if "attend_queued_ms" in entry:
+        # GPU time alone (launches issued ahead), as inside a model's forward.
+        queued = time_fn(run_all, device, queued=True, **timing)
+        entry["total_queued"] = queued.to_dict()
+        entry["overhead_queued_ms"] = queued.median_ms - entry["attend_queued_ms"]
+        entry["total_over_attend_queued"] = queued.median_ms / entry["attend_queued_ms"]
     entry["ideal_speedup"] = 1.0 / entry["kept_share"] ** 2
     entry["method"] = "token_sparse"
     entry["spec"] = spec_for("token_sparse", config).label
@@ -525,5 +537,7 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
                 f" overhead {over if over is not None else float('nan'):6.2f} ms"
                 f" x{e.get('speedup_vs_cudnn', e.get('speedup_vs_default', float('nan'))):.2f}"
                 f" mem x{e.get('memory_over_cudnn', float('nan')):.2f}"
+                + (f" queued: overhead {e['overhead_queued_ms']:5.2f} ms, total/attend {e['total_over_attend_queued']:.3f}"
+                   if "overhead_queued_ms" in e else "")
             )
     return lines

@@ -9,6 +9,7 @@ during one run (CUDA only).
 from __future__ import annotations
 
 import datetime
+import functools
 import platform
 import statistics
 import subprocess
@@ -39,20 +40,51 @@ def time_fn(
     min_reps: int = 3,
     max_reps: int = 50,
     budget_ms: float = 1000.0,
+    queued: bool = False,
 ) -> Timing:
-    """Median time of ``fn()`` after ``warmup`` runs; about ``budget_ms`` of timed runs."""
+    """Median time of ``fn()`` after ``warmup`` runs; about ``budget_ms`` of timed runs.
+
+    ``queued`` (CUDA): the GPU is held busy until the host has issued all of
+    ``fn``'s launches, so the events time the GPU work alone, as inside a model's
+    forward where the host runs ahead of the GPU. Without it a lone call's time
+    also counts the GPU waiting for the host's launches.
+    """
     for _ in range(warmup):
         fn()
-    first = _time_once(fn, device)
+    hold_ms = 0.0
+    if queued and device.type == "cuda":
+        # Twice the host's time to issue one call, measured on an idle GPU.
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        hold_ms = 2e3 * (time.perf_counter() - t0) + 0.5
+        torch.cuda.synchronize(device)
+    first = _time_once(fn, device, hold_ms)
     reps = int(min(max_reps, max(min_reps, budget_ms // max(first, 1e-3))))
-    times = [first] + [_time_once(fn, device) for _ in range(reps - 1)]
+    times = [first] + [_time_once(fn, device, hold_ms) for _ in range(reps - 1)]
     return Timing(statistics.median(times), min(times), max(times), len(times))
 
 
-def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
+@functools.cache
+def _sleep_cycles_per_ms(device_index: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles)  # first launch loads the kernel
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / start.elapsed_time(end)
+
+
+def _time_once(fn: Callable[[], Any], device: torch.device, hold_ms: float = 0.0) -> float:
     if device.type == "cuda":
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
+        if hold_ms:
+            # A busy-wait kernel ahead of the start event: the launches below queue behind it.
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda._sleep(int(hold_ms * _sleep_cycles_per_ms(index)))
         start.record()
         fn()
         end.record()

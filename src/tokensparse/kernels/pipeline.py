@@ -56,6 +56,20 @@ def heads_per_chunk(
     return max(1, min(num_heads, chunk_budget // max(per_head, 1)))
 
 
+def chunk_sizes(num_heads: int, step: int) -> list[int]:
+    """Heads per chunk: at most ``step``, the first and the last a quarter of it.
+
+    Nothing overlaps the first chunk's gather (the selection precedes it) or the
+    last chunk's scatter and attention tail, so those two chunks are small.
+    """
+    edge = max(1, step // 4)
+    if num_heads <= step or num_heads <= 2 * edge:
+        return [num_heads]
+    middle = num_heads - 2 * edge
+    count = -(-middle // step)
+    return [edge] + [middle // count + 1] * (middle % count) + [middle // count] * (count - middle % count) + [edge]
+
+
 def _num_staged(out: torch.Tensor, layout: str, num_kept: int, head_dim: int) -> int:
     """How many of q, k, v a chunk can stage in its heads' rows of ``out`` (0-3).
 
@@ -122,7 +136,8 @@ def attend_kept(
     num_kept = kept_idx.shape[-1]
     staged = _num_staged(out, layout, num_kept, query.shape[-1])
     step = heads_per_chunk(query, value, num_kept, chunk_budget // num_streams, staged)
-    starts = range(0, num_heads, step)
+    sizes = chunk_sizes(num_heads, step)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
     if len(starts) == 1:
         num_streams = 1
     streams = _side_streams(query.device, num_streams) if num_streams > 1 else []
@@ -131,9 +146,8 @@ def attend_kept(
         # The side streams start after the selection and stop before the caller
         # reads ``out``; buffers they allocate are reused only in their own order.
         stream.wait_stream(main)
-    for i, start in enumerate(starts):
+    for i, (start, count) in enumerate(zip(starts, sizes)):
         with torch.cuda.stream(streams[i % num_streams]) if streams else contextlib.nullcontext():
-            count = min(step, num_heads - start)
             buffers = None
             if staged:
                 views = _staged_views(out, staged, start, count, num_kept)

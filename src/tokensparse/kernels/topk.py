@@ -74,14 +74,14 @@ def _block_keys(Scores, row, stride_sr, off, end, pad, BLOCK: tl.constexpr):
 
 @triton.jit
 def _radix_hist_kernel(
-    Scores, Keep, Pad, Hist,
-    stride_sr, num_heads, num_rows, prefix_len, seg_len,
+    Scores, Keep, SeqLens, Hist,
+    stride_sr, num_heads, num_rows, prefix_len, seg_len, seq_len,
     ROUND: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     seg = tl.program_id(1)
     keep = tl.load(Keep + row).to(tl.int32)
-    pad = tl.load(Pad + row // num_heads).to(tl.int32)
+    pad = (seq_len - tl.load(SeqLens + row // num_heads)).to(tl.int32)
     prefix, _ = _radix_state(Hist, row, num_rows, keep, ROUND, DIGIT_BITS)
     BINS: tl.constexpr = 1 << DIGIT_BITS
     SHIFT: tl.constexpr = 32 - DIGIT_BITS * (ROUND + 1)
@@ -104,14 +104,14 @@ def _radix_hist_kernel(
 
 @triton.jit
 def _count_kernel(
-    Scores, Keep, Pad, Hist, CountGt, CountEq,
-    stride_sr, num_heads, num_rows, prefix_len, seg_len,
+    Scores, Keep, SeqLens, Hist, CountGt, CountEq,
+    stride_sr, num_heads, num_rows, prefix_len, seg_len, seq_len,
     DIGIT_BITS: tl.constexpr, MAX_SEGMENTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     seg = tl.program_id(1)
     keep = tl.load(Keep + row).to(tl.int32)
-    pad = tl.load(Pad + row // num_heads).to(tl.int32)
+    pad = (seq_len - tl.load(SeqLens + row // num_heads)).to(tl.int32)
     threshold, _ = _radix_state(Hist, row, num_rows, keep, 32 // DIGIT_BITS, DIGIT_BITS)
     n_gt = 0
     n_eq = 0
@@ -127,7 +127,7 @@ def _count_kernel(
 
 @triton.jit
 def _write_kernel(
-    Scores, Keep, Pad, Hist, CountGt, CountEq, Out,
+    Scores, Keep, SeqLens, Hist, CountGt, CountEq, Out,
     stride_sr, stride_or, num_heads, num_rows, prefix_len, seg_len, num_segments,
     seq_len, window, width,
     DIGIT_BITS: tl.constexpr, MAX_SEGMENTS: tl.constexpr, BLOCK: tl.constexpr,
@@ -135,7 +135,7 @@ def _write_kernel(
     row = tl.program_id(0)
     seg = tl.program_id(1)
     keep = tl.load(Keep + row).to(tl.int32)
-    pad = tl.load(Pad + row // num_heads).to(tl.int32)
+    pad = (seq_len - tl.load(SeqLens + row // num_heads)).to(tl.int32)
     threshold, take_eq = _radix_state(Hist, row, num_rows, keep, 32 // DIGIT_BITS, DIGIT_BITS)
     take_eq = tl.where(keep > 0, take_eq, 0)
     out_row = Out + row.to(tl.int64) * stride_or
@@ -209,8 +209,8 @@ def top_k_per_head(
     width = max_keep + window
     rows = batch * num_heads
     flat = scores.reshape(rows, prefix_len)
-    keep_rows = keep.reshape(rows).to(torch.int32).contiguous()
-    pad = (seq_len - seq_lens).to(torch.int32).contiguous()
+    keep_rows = keep.reshape(rows).contiguous()
+    seq_lens = seq_lens.contiguous()
     block = 128 if interpreting() else 1024
     seg_len = max(block, triton.cdiv(triton.cdiv(max(prefix_len, 1), _MAX_SEGMENTS), block) * block)
     num_segments = max(1, triton.cdiv(prefix_len, seg_len))
@@ -219,17 +219,17 @@ def top_k_per_head(
     count_eq = torch.empty_like(count_gt)
     out = torch.empty(batch, num_heads, width, dtype=torch.int64, device=scores.device)
     grid = (rows, num_segments)
-    common = (flat.stride(0), num_heads, rows, prefix_len, seg_len)
+    common = (flat.stride(0), num_heads, rows, prefix_len, seg_len, seq_len)
     for r in range(_ROUNDS):
         _radix_hist_kernel[grid](
-            flat, keep_rows, pad, hist, *common, ROUND=r, DIGIT_BITS=_DIGIT_BITS, BLOCK=block, num_warps=4,
+            flat, keep_rows, seq_lens, hist, *common, ROUND=r, DIGIT_BITS=_DIGIT_BITS, BLOCK=block, num_warps=4,
         )
     _count_kernel[grid](
-        flat, keep_rows, pad, hist, count_gt, count_eq, *common,
+        flat, keep_rows, seq_lens, hist, count_gt, count_eq, *common,
         DIGIT_BITS=_DIGIT_BITS, MAX_SEGMENTS=_MAX_SEGMENTS, BLOCK=block, num_warps=4,
     )
     _write_kernel[grid](
-        flat, keep_rows, pad, hist, count_gt, count_eq, out,
+        flat, keep_rows, seq_lens, hist, count_gt, count_eq, out,
         flat.stride(0), out.stride(1), num_heads, rows, prefix_len, seg_len, num_segments,
         seq_len, window, width,
         DIGIT_BITS=_DIGIT_BITS, MAX_SEGMENTS=_MAX_SEGMENTS, BLOCK=block, num_warps=4,

@@ -123,6 +123,24 @@ def _window_stats_kernel(
 
 
 @triton.jit
+def _lse_kernel(M_part, L_part, Lse, num_chunks, window, BLOCK_W: tl.constexpr):
+    """Combine the per-chunk statistics of one head's window rows into log2-sum-exp2 (+inf: no key)."""
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    row_ok = rows < window
+    base = bh.to(tl.int64) * num_chunks * window + rows
+    m_max = tl.full([BLOCK_W], -1.0e30, tl.float32)
+    for c in range(num_chunks):
+        m_max = tl.maximum(m_max, tl.load(M_part + base + c * window, mask=row_ok, other=-1.0e30))
+    total = tl.zeros([BLOCK_W], tl.float32)
+    for c in range(num_chunks):
+        m = tl.load(M_part + base + c * window, mask=row_ok, other=-1.0e30)
+        total += tl.load(L_part + base + c * window, mask=row_ok, other=0.0) * tl.math.exp2(m - m_max)
+    lse = tl.where(total > 0, m_max + tl.math.log2(total), float("inf"))
+    tl.store(Lse + bh.to(tl.int64) * window + rows, lse, mask=row_ok)
+
+
+@triton.jit
 def _window_mass_kernel(
     Q, K, Mask, Lse, Out,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -327,9 +345,12 @@ def _stats(a: _Args, c: LaunchConfig) -> torch.Tensor:
         DOT_PRECISION=dot_precision(query.dtype), UPCAST=interpreting(),
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
-    m_max = m_part.max(dim=1).values
-    total = (l_part * torch.exp2(m_part - m_max[:, None, :])).sum(dim=1)
-    return torch.where(total > 0, m_max + torch.log2(total), torch.full_like(total, math.inf))
+    lse = torch.empty(batch * num_heads, window, device=query.device, dtype=torch.float32)
+    block_w = min(triton.next_power_of_2(window), 1024)
+    _lse_kernel[(batch * num_heads, triton.cdiv(window, block_w))](
+        m_part, l_part, lse, num_chunks, window, BLOCK_W=block_w, num_warps=4,
+    )
+    return lse
 
 
 def _mass(a: _Args, lse: torch.Tensor, c: LaunchConfig) -> torch.Tensor:
