@@ -63,6 +63,14 @@ def _radix_state(Hist, row, num_rows, keep, ROUNDS_DONE: tl.constexpr, DIGIT_BIT
 
 
 @triton.jit
+def _row_budget(Keep, SeqLens, row, num_heads, seq_len):
+    """Prefix tokens the row keeps, and its sequence's left padding (int32)."""
+    keep = tl.load(Keep + row).to(tl.int32)
+    pad = (seq_len - tl.load(SeqLens + row // num_heads)).to(tl.int32)
+    return keep, pad
+
+
+@triton.jit
 def _block_keys(Scores, row, stride_sr, off, end, pad, BLOCK: tl.constexpr):
     """Positions ``off + [0, BLOCK)`` of a row, which of them count (inside the
     segment, past the left padding), and their order keys."""
@@ -80,8 +88,7 @@ def _radix_hist_kernel(
 ):
     row = tl.program_id(0)
     seg = tl.program_id(1)
-    keep = tl.load(Keep + row).to(tl.int32)
-    pad = (seq_len - tl.load(SeqLens + row // num_heads)).to(tl.int32)
+    keep, pad = _row_budget(Keep, SeqLens, row, num_heads, seq_len)
     prefix, _ = _radix_state(Hist, row, num_rows, keep, ROUND, DIGIT_BITS)
     BINS: tl.constexpr = 1 << DIGIT_BITS
     SHIFT: tl.constexpr = 32 - DIGIT_BITS * (ROUND + 1)
@@ -110,8 +117,7 @@ def _count_kernel(
 ):
     row = tl.program_id(0)
     seg = tl.program_id(1)
-    keep = tl.load(Keep + row).to(tl.int32)
-    pad = (seq_len - tl.load(SeqLens + row // num_heads)).to(tl.int32)
+    keep, pad = _row_budget(Keep, SeqLens, row, num_heads, seq_len)
     threshold, _ = _radix_state(Hist, row, num_rows, keep, 32 // DIGIT_BITS, DIGIT_BITS)
     n_gt = 0
     n_eq = 0
@@ -134,8 +140,7 @@ def _write_kernel(
 ):
     row = tl.program_id(0)
     seg = tl.program_id(1)
-    keep = tl.load(Keep + row).to(tl.int32)
-    pad = (seq_len - tl.load(SeqLens + row // num_heads)).to(tl.int32)
+    keep, pad = _row_budget(Keep, SeqLens, row, num_heads, seq_len)
     threshold, take_eq = _radix_state(Hist, row, num_rows, keep, 32 // DIGIT_BITS, DIGIT_BITS)
     take_eq = tl.where(keep > 0, take_eq, 0)
     out_row = Out + row.to(tl.int64) * stride_or
