@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tokensparse import TokenSparseConfig, token_sparse_attention
-from tokensparse.flexprefill import estimate_pattern, flexprefill_attention
+from tokensparse.methods.flexprefill import FlexPrefillConfig, estimate_pattern, flexprefill_attention
 from tokensparse.kernels.block_sparse import block_sparse_attention_ref
 from tokensparse.kernels.reference import gather_kept_ref, scatter_kept_ref
 from tokensparse.selection import select_tokens
@@ -207,22 +207,32 @@ def test_op_validates(kwargs, field):
 
 
 # ---------------------------------------------------------------- composition
+def flexprefill_inner(**kwargs):
+    """FlexPrefill's op as the inner attention of token sparse (what the composition method passes)."""
+    from tokensparse.methods import get_method
+
+    return get_method("flexprefill").inner(FlexPrefillConfig(**kwargs))
+
+
 def test_config_fields_validate():
-    config = TokenSparseConfig(attention="flexprefill", fp_gamma=0.9, fp_tau=0.2, fp_block=64, fp_min_budget=256)
-    assert config.to_dict()["attention"] == "flexprefill"
-    for kwargs, field in [({"attention": "magic"}, "attention"), ({"fp_gamma": 0.0}, "fp_gamma"),
-                          ({"fp_tau": -0.1}, "fp_tau"), ({"fp_block": 100}, "fp_block"),
-                          ({"fp_min_budget": -5}, "fp_min_budget")]:
+    from tokensparse.methods import parse_method
+
+    spec = parse_method("token_sparse+flexprefill:gamma=0.9,tau=0.2,block_size=64,min_budget=256")
+    assert spec.config.inner.config == FlexPrefillConfig(gamma=0.9, tau=0.2, min_budget=256, block_size=64)
+    assert spec.config.token_sparse == TokenSparseConfig()
+    for text, field in [("gamma=0", "gamma"), ("tau=-0.1", "tau"), ("block_size=100", "block_size"),
+                        ("min_budget=-5", "min_budget"), ("magic=1", "magic")]:
         with pytest.raises(ValueError, match=field):
-            TokenSparseConfig(**kwargs)
+            parse_method("token_sparse+flexprefill:" + text)
+    with pytest.raises(ValueError, match="attention"):  # the field moved into the composition method
+        TokenSparseConfig(attention="flexprefill")
 
 
 def test_composition_is_flexprefill_on_the_compressed_sequence():
     q, k, v = structured_qkv(2, 4, 2, 300, 16, dtype=torch.float32)
-    config = TokenSparseConfig(
-        coverage=0.3, window=32, min_tokens=64, attention="flexprefill", fp_block=16, fp_min_budget=32
-    )
-    out, selection = token_sparse_attention(q, k, v, config=config, return_stats=True)
+    config = TokenSparseConfig(coverage=0.3, window=32, min_tokens=64)
+    inner = flexprefill_inner(block_size=16, min_budget=32)
+    out, selection = token_sparse_attention(q, k, v, config=config, inner=inner, return_stats=True)
     assert selection.kept_idx is not None and (selection.num_kept < 300).any()
     q_c, k_c, v_c = gather_kept_ref(q, k, v, selection.kept_idx)
     out_c = flexprefill_attention(
@@ -231,16 +241,19 @@ def test_composition_is_flexprefill_on_the_compressed_sequence():
     ref = scatter_kept_ref(out_c, selection.kept_idx, 300)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # With FlexPrefill made dense it is plain Token Sparse Attention.
-    dense_fp = config.replace(fp_gamma=1.0, fp_tau=0.0, backend="torch")
-    plain = token_sparse_attention(q, k, v, config=config.replace(attention="sdpa", backend="torch"))
-    torch.testing.assert_close(token_sparse_attention(q, k, v, config=dense_fp), plain, atol=1e-5, rtol=1e-5)
+    dense_fp = flexprefill_inner(gamma=1.0, tau=0.0, block_size=16, min_budget=32, backend="torch")
+    plain = token_sparse_attention(q, k, v, config=config.replace(backend="torch"))
+    torch.testing.assert_close(
+        token_sparse_attention(q, k, v, config=config.replace(backend="torch"), inner=dense_fp), plain,
+        atol=1e-5, rtol=1e-5,
+    )
 
 
 def test_composition_dense_selection_still_runs_flexprefill():
     q, k, v = structured_qkv(1, 2, 1, 120, 16, dtype=torch.float32)
-    config = TokenSparseConfig(window=32, min_tokens=200, attention="flexprefill", fp_block=16, fp_min_budget=16)
+    config = TokenSparseConfig(window=32, min_tokens=200)
     assert select_tokens(q, k, config).kept_idx is None
-    out = token_sparse_attention(q, k, v, config=config)
+    out = token_sparse_attention(q, k, v, config=config, inner=flexprefill_inner(block_size=16, min_budget=16))
     torch.testing.assert_close(out, flexprefill_attention(q, k, v, block_size=16, min_budget=16))
 
 
@@ -267,39 +280,38 @@ def run_logits(model, ids, **kwargs):
 
 
 def test_flexprefill_method_on_a_model(monkeypatch):
-    from tokensparse.flexprefill import FlexPrefillConfig
-    from tokensparse.integrations import flexprefill as integration
+    import tokensparse
+    from tokensparse.methods import flexprefill as method_module
 
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 150))
     ref = run_logits(model, ids)
     calls = []
-    real = integration.flexprefill_attention
-    monkeypatch.setattr(integration, "flexprefill_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = method_module.flexprefill_attention
+    monkeypatch.setattr(method_module, "flexprefill_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     # Dense settings: the same function as SDPA.
-    integration.enable_flexprefill(model, FlexPrefillConfig(gamma=1.0, tau=0.0, min_budget=16, block_size=16, backend="torch"))
-    assert model.config._attn_implementation == "flexprefill"
+    tokensparse.enable(model, FlexPrefillConfig(gamma=1.0, tau=0.0, min_budget=16, block_size=16, backend="torch"))
+    assert model.config._attn_implementation == "tokensparse"
     torch.testing.assert_close(run_logits(model, ids), ref, atol=1e-4, rtol=1e-4)
     assert len(calls) == 2  # both layers
     # Sparse settings: runs, and differs from dense.
-    integration.enable_flexprefill(model, FlexPrefillConfig(gamma=0.5, tau=0.1, min_budget=16, block_size=16, backend="torch"))
+    tokensparse.enable(model, FlexPrefillConfig(gamma=0.5, tau=0.1, min_budget=16, block_size=16, backend="torch"))
     sparse = run_logits(model, ids)
     assert torch.isfinite(sparse).all() and not torch.allclose(sparse, ref, atol=1e-3)
     # Short prompts and decode steps go to SDPA.
     calls.clear()
     run_logits(model, ids[:, :16])
     assert not calls
-    integration.disable_flexprefill(model)
+    tokensparse.disable(model)
     assert model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(run_logits(model, ids), ref)
 
 
 def test_flexprefill_method_left_padding():
-    from tokensparse.flexprefill import FlexPrefillConfig
-    from tokensparse.integrations import flexprefill as integration
+    import tokensparse
 
     model = tiny_llama()
-    integration.enable_flexprefill(model, FlexPrefillConfig(gamma=0.6, min_budget=16, block_size=16, backend="torch"))
+    tokensparse.enable(model, "flexprefill:gamma=0.6,min_budget=16,block_size=16,backend=torch")
     seqs = [torch.randint(1, 128, (n,)) for n in (160, 101)]
     ids = torch.zeros(2, 160, dtype=torch.long)
     mask = torch.zeros(2, 160, dtype=torch.long)
@@ -313,21 +325,19 @@ def test_flexprefill_method_left_padding():
 
 def test_token_sparse_with_flexprefill_on_a_model():
     import tokensparse
-    from tokensparse.flexprefill import FlexPrefillConfig
-    from tokensparse.integrations import flexprefill as integration
 
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 200))
-    fp = dict(fp_gamma=0.6, fp_block=16, fp_min_budget=16, backend="torch")
+    fp = "gamma=0.6,block_size=16,min_budget=16,backend=torch"
     # No sparse layers: every layer runs FlexPrefill alone.
-    tokensparse.enable(model, TokenSparseConfig(attention="flexprefill", sparse_layers=(), **fp))
+    tokensparse.enable(model, f"token_sparse+flexprefill:sparse_layers=,{fp}")
     only_fp = run_logits(model, ids)
     tokensparse.disable(model)
-    integration.enable_flexprefill(model, FlexPrefillConfig(gamma=0.6, min_budget=16, block_size=16, backend="torch"))
+    tokensparse.enable(model, FlexPrefillConfig(gamma=0.6, min_budget=16, block_size=16, backend="torch"))
     torch.testing.assert_close(only_fp, run_logits(model, ids))
-    integration.disable_flexprefill(model)
+    tokensparse.disable(model)
     # Layer 1 sparse: tokens dropped there, FlexPrefill on the compressed sequence.
-    config = TokenSparseConfig(coverage=0.3, window=16, min_tokens=16, attention="flexprefill", sparse_layers=(1,), **fp)
+    config = f"token_sparse+flexprefill:coverage=0.3,window=16,min_tokens=16,sparse_layers=1,{fp}"
     tokensparse.enable(model, config, record=True)
     both = run_logits(model, ids)
     record = tokensparse.selection_report(model)[-1][1]
@@ -336,21 +346,21 @@ def test_token_sparse_with_flexprefill_on_a_model():
 
 
 def test_flexprefill_config_and_method_settings():
-    from tokensparse.flexprefill import FlexPrefillConfig
-    from tokensparse.integrations.flexprefill import flexprefill_settings
+    from tokensparse.methods import parse_method
 
-    config, canonical = flexprefill_settings({"gamma": "0.9", "block_size": "64"})
-    assert config == FlexPrefillConfig(gamma=0.9, block_size=64) and canonical == {"gamma": "0.9", "block_size": "64"}
-    assert FlexPrefillConfig.from_token_sparse(TokenSparseConfig(fp_gamma=0.8, fp_block=32)).kwargs()["block_size"] == 32
+    spec = parse_method("flexprefill:gamma=0.9,block_size=64")
+    assert spec.config == FlexPrefillConfig(gamma=0.9, block_size=64) and dict(spec.settings) == {"gamma": "0.9", "block_size": "64"}
+    composed = parse_method("token_sparse+flexprefill:gamma=0.8,block_size=32")
+    assert composed.config.inner.config.kwargs()["block_size"] == 32
     assert FlexPrefillConfig(min_budget=1024).runs_dense(1024) and not FlexPrefillConfig(min_budget=1024).runs_dense(1025)
-    for raw, field in [({"gama": "1"}, "gama"), ({"gamma": "2"}, "gamma"), ({"tau": "x"}, "tau"), ({"backend": "gpu"}, "backend")]:
+    for raw, field in [("gama=1", "gama"), ("gamma=2", "gamma"), ("tau=x", "tau"), ("backend=gpu", "backend")]:
         with pytest.raises(ValueError, match=field):
-            flexprefill_settings(raw)
+            parse_method("flexprefill:" + raw)
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.3])
 def test_estimation_chunking_does_not_change_the_pattern(monkeypatch, tau):
-    import tokensparse.flexprefill as fp
+    import tokensparse.methods.flexprefill as fp
 
     g = torch.Generator().manual_seed(11)
     q = torch.randn(2, 8, 700, 32, generator=g)

@@ -48,7 +48,7 @@ def test_embedded_model_shape(smollm2):
 
 @pytest.mark.model
 def test_needle_found_dense_and_sparse_at_2k(smollm2):
-    result = run_demo(model=smollm2, length=2048, coverage=0.02, min_tokens=512)
+    result = run_demo(model=smollm2, length=2048, method="token_sparse:coverage=0.02,min_tokens=512")
     assert [run.method for run in result.runs] == ["dense", "token_sparse"]
     for run in result.runs:
         assert run.correct, f"{run.method} answered {run.answer!r}"

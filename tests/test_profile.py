@@ -28,7 +28,7 @@ class CharTokenizer:
 
 
 def sparse_layers_of(model):
-    return model._tokensparse_model.sparse_layers
+    return integ.sparse_layers_of(model)
 
 
 # ---------------------------------------------------------------- choosing layers

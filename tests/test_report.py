@@ -8,6 +8,7 @@ import torch
 import tokensparse
 from tokensparse import TokenSparseConfig
 from tokensparse.integrations import transformers as integ
+from tokensparse.methods import token_sparse as token_sparse_method  # its prefill calls select_tokens
 from tokensparse.integrations.transformers import LayerRecord
 from tokensparse.report import format_selection_report, summarize_selection
 from tiny_models import tiny_llama
@@ -86,17 +87,17 @@ def test_record_matches_the_op_on_the_same_inputs():
     """Capture one sparse layer's q/k/v and rerun the public op on them: same counts and dropped mass."""
     model = tokensparse.enable(tiny_llama(), CONFIG, record=True)
     captured = {}
-    original = integ.select_tokens
+    original = token_sparse_method.select_tokens
 
     def spy(query, key, config, **kwargs):
         captured.setdefault("args", (query.clone(), key.clone(), kwargs))
         return original(query, key, config, **kwargs)
 
-    integ.select_tokens = spy
+    token_sparse_method.select_tokens = spy
     try:
         forward(model, prompt())
     finally:
-        integ.select_tokens = original
+        token_sparse_method.select_tokens = original
     record = tokensparse.selection_report(model)[-1][1]
     query, key, kwargs = captured["args"]
     selection = tokensparse.select_tokens(query, key, CONFIG, **kwargs)

@@ -5,7 +5,9 @@ Public API:
     token_sparse_attention   the op, a drop-in for causal SDPA
     select_tokens            the selection stage alone (scores, budget, top-k)
     TokenSelection           what select_tokens returns
-    enable / disable         switch a transformers model to the method and back
+    enable / disable         switch a transformers model to a method (spec, config or plan) and back
+    methods                  the registry of attention methods and their spec strings
+    build_plan / LayerPlan   which method runs in which decoder layer
     selection_report         per-layer, per-head kept counts of recorded prefills
     models.load              hub ids, local paths, and the embedded SmolLM2 ("smollm2")
     format_selection_report  a per-layer table of one recorded prefill
@@ -13,10 +15,11 @@ Public API:
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import models
+from . import methods, models
 from .attention import token_sparse_attention
 from .config import TokenSparseConfig
 from .integrations.transformers import disable, enable, selection_report
+from .plan import LayerPlan, build_plan
 from .report import format_selection_report, summarize_selection
 from .selection import TokenSelection, select_tokens
 
@@ -27,6 +30,9 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "models",
+    "methods",
+    "LayerPlan",
+    "build_plan",
     "TokenSparseConfig",
     "TokenSelection",
     "token_sparse_attention",

@@ -3,16 +3,46 @@
 Layout at this boundary is SDPA's: query (B, H, L, D), key/value (B, Hkv, L, D),
 output (B, H, L, Dv). :func:`attend_selected` can also write transformers'
 (B, L, H, Dv) directly.
+
+The attention that runs on the kept tokens is dense causal SDPA unless the
+caller passes ``inner``, any attention with the :data:`InnerAttention`
+signature (a composition such as Token Sparse + FlexPrefill passes the
+block-sparse method's op; this module imports no other method).
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .config import TokenSparseConfig
 from .kernels import ops_for
+from .ops import check_inputs, dense_causal_attention
 from .selection import TokenSelection, select_tokens
+
+
+class InnerAttention(Protocol):
+    """A causal attention that can run on the kept tokens instead of dense SDPA.
+
+    ``inner(query, key, value, *, scale, seq_lens=None, key_padding_mask=None)``
+    with query (B, H, L, D), key/value (B, Hkv, L, D), returning (B, H, L, Dv).
+    ``seq_lens`` (B, H): valid rows of each head with padding at the end (the
+    compressed sequences); ``key_padding_mask`` (B, L): left padding (a whole
+    sequence that drops nothing). At most one of the two is given.
+    """
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        scale: float | None,
+        seq_lens: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
 
 def token_sparse_attention(
@@ -28,6 +58,7 @@ def token_sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     backend: str | None = None,
     config: TokenSparseConfig | None = None,
+    inner: InnerAttention | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenSelection]:
     """Causal attention over the tokens each head selects; a drop-in for causal SDPA.
@@ -51,8 +82,10 @@ def token_sparse_attention(
             rows are zero.
         backend: "auto" (default: Triton kernels on CUDA tensors, PyTorch
             elsewhere), "triton" or "torch" (the reference path).
-        config: a full :class:`TokenSparseConfig` (budget modes, attention kind);
+        config: a full :class:`TokenSparseConfig` (budget modes, dropped rows);
             cannot be combined with the keyword settings above.
+        inner: the attention run on the kept tokens (and on sequences that drop
+            nothing), see :class:`InnerAttention`; default dense causal SDPA.
         return_stats: also return the :class:`TokenSelection` (kept counts and
             indices per batch item and head, dropped window mass).
 
@@ -65,17 +98,13 @@ def token_sparse_attention(
     )
     check_inputs(query, key, value, key_padding_mask)
     selection = select_tokens(query, key, config, scale=scale, key_padding_mask=key_padding_mask)
-    if selection.kept_idx is None and config.attention == "flexprefill":
-        from .flexprefill import FlexPrefillConfig, flexprefill_attention
-
-        out = flexprefill_attention(
-            query, key, value, scale=scale, key_padding_mask=key_padding_mask,
-            **FlexPrefillConfig.from_token_sparse(config).kwargs(),
-        )
-    elif selection.kept_idx is None:
-        out = dense_causal_attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask)
+    if selection.kept_idx is None:
+        attend = dense_causal_attention if inner is None else inner
+        out = attend(query, key, value, scale=scale, key_padding_mask=key_padding_mask)
     else:
-        out = attend_selected(query, key, value, selection, scale=scale, backend=config.backend, config=config)
+        out = attend_selected(
+            query, key, value, selection, scale=scale, backend=config.backend, config=config, inner=inner
+        )
     return (out, selection) if return_stats else out
 
 
@@ -89,6 +118,7 @@ def attend_selected(
     backend: str = "auto",
     layout: str = "bhld",
     config: TokenSparseConfig | None = None,
+    inner: InnerAttention | None = None,
 ) -> torch.Tensor:
     """Compress, attend causally on the kept tokens, decompress.
 
@@ -98,10 +128,9 @@ def attend_selected(
         scale: softmax scale, default 1 / sqrt(D).
         backend: stage kernels to use ("auto", "torch", "triton").
         layout: "bhld" returns (B, H, L, Dv); "blhd" returns (B, L, H, Dv).
-        config: only its attention settings are read: with
-            ``attention="flexprefill"`` the compressed sequences run FlexPrefill
-            (each head's pattern from its own last valid queries, see
-            :mod:`tokensparse.flexprefill`) instead of dense causal SDPA.
+        config: only ``dropped_rows`` and ``local_block`` are read.
+        inner: the attention run on the compressed sequences (each head's
+            valid length given as ``seq_lens``) instead of dense causal SDPA.
 
     Returns:
         The output, zero in rows a head did not keep (or, with
@@ -109,7 +138,7 @@ def attend_selected(
     """
     if selection.kept_idx is None:
         raise ValueError("selection.kept_idx is None (every sequence runs dense); use dense attention")
-    out = _attend_kept(query, key, value, selection, scale=scale, backend=backend, layout=layout, config=config)
+    out = _attend_kept(query, key, value, selection, scale=scale, backend=backend, layout=layout, inner=inner)
     if config is None or config.dropped_rows == "zero":
         return out
     return _fill_dropped_rows(out, query, key, value, selection, scale=scale, backend=backend, layout=layout,
@@ -132,14 +161,11 @@ def _fill_dropped_rows(out, query, key, value, selection, *, scale, backend, lay
     return torch.where(kept, out, local)
 
 
-def _attend_kept(query, key, value, selection, *, scale, backend, layout, config) -> torch.Tensor:
+def _attend_kept(query, key, value, selection, *, scale, backend, layout, inner) -> torch.Tensor:
     ops = ops_for(query, backend)
-    if config is not None and config.attention == "flexprefill":
-        from .flexprefill import FlexPrefillConfig, flexprefill_attention
-
-        fp_kwargs = {**FlexPrefillConfig.from_token_sparse(config).kwargs(), "backend": backend}
+    if inner is not None:
         q_c, k_c, v_c = ops.gather_kept(query, key, value, selection.kept_idx)
-        out_c = flexprefill_attention(q_c, k_c, v_c, scale=scale, seq_lens=selection.num_kept, **fp_kwargs)
+        out_c = inner(q_c, k_c, v_c, scale=scale, seq_lens=selection.num_kept)
         return ops.scatter_kept(out_c, selection.kept_idx, query.shape[2], layout)
     if ops.attend_kept is not None:
         # Fused path (Triton): compress, attend and decompress a few heads at a time.
@@ -150,79 +176,6 @@ def _attend_kept(query, key, value, selection, *, scale, backend, layout, config
     # padding entries sit at the end, where no valid row can see them.
     out_c = F.scaled_dot_product_attention(q_c, k_c, v_c, is_causal=True, scale=scale)
     return ops.scatter_kept(out_c, selection.kept_idx, query.shape[2], layout)
-
-
-def dense_causal_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    scale: float | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Causal SDPA with GQA and optional left padding; padded rows are zero. (B, H, L, Dv)."""
-    gqa = query.shape[1] != key.shape[1]
-    if key_padding_mask is None:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa)
-    seq_len = query.shape[2]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=query.device).tril()
-    # A padded query row sees no real key; letting it see itself keeps the softmax
-    # finite, and the row is zeroed below.
-    mask = (causal & key_padding_mask[:, None, None, :]) | torch.eye(seq_len, dtype=torch.bool, device=query.device)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
-
-
-def check_inputs(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-) -> None:
-    """Raise ``ValueError`` naming the argument if the inputs do not fit the op."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims (B, H, L, D), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-    if not (query.device == key.device == value.device):
-        raise ValueError(
-            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
-        )
-    batch, num_heads, seq_len, head_dim = query.shape
-    if key.shape[0] != batch or value.shape[0] != batch:
-        raise ValueError(
-            f"batch sizes differ: query {batch}, key {key.shape[0]}, value {value.shape[0]}"
-        )
-    if key.shape[2] != seq_len or value.shape[2] != seq_len:
-        raise ValueError(
-            "query, key and value must have one sequence length (causal prefill), got "
-            f"query {seq_len}, key {key.shape[2]}, value {value.shape[2]}"
-        )
-    if key.shape[3] != head_dim:
-        raise ValueError(f"key head_dim {key.shape[3]} must equal query head_dim {head_dim}")
-    if key.shape[1] != value.shape[1]:
-        raise ValueError(f"key and value must have the same number of heads, got {key.shape[1]} and {value.shape[1]}")
-    if key.shape[1] == 0 or num_heads % key.shape[1] != 0:
-        raise ValueError(
-            f"query heads ({num_heads}) must be a multiple of key/value heads ({key.shape[1]})"
-        )
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise ValueError("key_padding_mask must be a bool tensor (True = real token)")
-        if key_padding_mask.shape != (batch, seq_len):
-            raise ValueError(
-                f"key_padding_mask must have shape (B, L) = ({batch}, {seq_len}), got {tuple(key_padding_mask.shape)}"
-            )
-        if key_padding_mask.device != query.device:
-            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, query on {query.device}")
-        # Left padding means once a row turns True it stays True.
-        if bool((key_padding_mask[:, 1:] < key_padding_mask[:, :-1]).any()):
-            raise ValueError("key_padding_mask must be left padding (False... then True...) in every row")
 
 
 def _resolve_config(config: TokenSparseConfig | None, **overrides: int | float | str | None) -> TokenSparseConfig:
@@ -236,9 +189,4 @@ def _resolve_config(config: TokenSparseConfig | None, **overrides: int | float |
     return config
 
 
-__all__ = [
-    "token_sparse_attention",
-    "attend_selected",
-    "dense_causal_attention",
-    "check_inputs",
-]
+__all__ = ["InnerAttention", "token_sparse_attention", "attend_selected"]

@@ -35,10 +35,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2", help="model name, hub id or path (default: the embedded SmolLM2)")
     p.add_argument("--length", type=int, default=4096, help="prompt length in tokens (default 4096)")
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
-    p.add_argument("--coverage", type=float, default=None, help="coverage tau (default 0.005)")
-    p.add_argument("--min-tokens", type=int, default=1024, help="floor on kept prefix tokens per head")
-    p.add_argument("--dropped-rows", default="zero", choices=["zero", "local"],
-                   help="rows a head drops: zeros (the paper) or sink + local attention")
+    p.add_argument("--method", default="token_sparse", type=_method,
+                   help="method spec run beside dense (default token_sparse, the paper's coverage 0.005; "
+                   "e.g. token_sparse:dropped_rows=local or token_sparse+xattention:keep_ratio=0.5)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--rope-scaling", type=float, default=None, help="YaRN factor for prompts past the context")
     p.set_defaults(run=_run_demo)
@@ -51,21 +50,17 @@ def _run_demo(args: argparse.Namespace) -> int:
         model=args.model,
         length=args.length,
         depth=args.depth,
-        coverage=args.coverage,
-        min_tokens=args.min_tokens,
-        dropped_rows=args.dropped_rows,
+        method=args.method,
         device=args.device,
         rope_scaling_factor=args.rope_scaling,
         progress=lambda msg: print(msg, flush=True),
     )
     print()
     print(f"prompt: {result.prompt_tokens} tokens, needle at depth {result.depth:.2f}, answer {result.expected!r}")
-    print(f"token sparse settings: coverage {result.config.coverage}, window {result.config.window}, "
-          f"min_tokens {result.config.min_tokens}, dropped rows {result.config.dropped_rows}, "
-          f"sparse layers {list(result.sparse_layers)}")
+    print(f"method: {result.method.label}, sparse layers {list(result.sparse_layers)}")
     for run in result.runs:
         verdict = "RIGHT" if run.correct else "WRONG"
-        print(f"  {run.method:<12} {verdict}  prefill {run.prefill_s:6.2f} s  answer: {run.answer!r}")
+        print(f"  {run.method:<30} {verdict}  prefill {run.prefill_s:6.2f} s  answer: {run.answer!r}")
     if result.selection:
         from .report import format_selection_report
 
@@ -75,6 +70,12 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- bench
+DEFAULT_ATTENTION_METHODS = (
+    "token_sparse:keep_ratio=0.75", "token_sparse:keep_ratio=0.5", "token_sparse:keep_ratio=0.25",
+    "token_sparse:keep_ratio=0.1", "token_sparse",
+)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (GPU for timings)")
     bench = p.add_subparsers(dest="bench", required=True)
@@ -89,22 +90,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--head-dim", type=int, default=None, help="head dimension (default 128)")
     a.add_argument("--hf-config", default=None, help="take heads, kv heads and head_dim from this transformers config")
     a.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    a.add_argument("--keep-ratios", type=_float_list, default=[0.75, 0.5, 0.25, 0.1], help="fixed kept shares")
-    a.add_argument("--coverage", type=_float_list, default=[0.005], help="coverage taus of the coverage mode")
-    a.add_argument("--inputs", type=_str_list, default=["random", "structured"],
-                   help="input kinds (random, structured, realistic) of the coverage mode and FlexPrefill; "
-                   "the fixed shares use the first")
-    a.add_argument("--methods", type=_str_list, default=["token_sparse"],
-                   help="comma-separated: dense (always run), token_sparse, flexprefill, token_sparse+flexprefill")
-    a.add_argument("--dropped-rows", default="zero", choices=["zero", "local"],
-                   help="rows a head drops: zeros (the paper) or sink + local attention")
-    a.add_argument("--fp-gamma", type=float, default=0.95, help="FlexPrefill's gamma")
-    a.add_argument("--fp-tau", type=float, default=0.1, help="FlexPrefill's JS threshold")
-    a.add_argument("--fp-block", type=int, default=128, help="FlexPrefill's block size")
-    a.add_argument("--fp-min-budget", type=int, default=1024, help="FlexPrefill's minimum budget in tokens")
-    a.add_argument("--window", type=int, default=128)
-    a.add_argument("--min-tokens", type=int, default=1024)
-    a.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="stage kernels")
+    a.add_argument("--methods", default=",".join(DEFAULT_ATTENTION_METHODS), type=_methods,
+                   help="comma-separated method specs, e.g. token_sparse:keep_ratio=0.5,flexprefill,"
+                   "xattention,token_sparse+xattention:coverage=0.02 (dense is always timed; default: "
+                   "token sparse at kept shares 0.75/0.5/0.25/0.1 and at coverage 0.005)")
+    a.add_argument("--inputs", type=_str_list, default=["random"],
+                   help="input kinds every method runs on: random, structured, realistic (default random)")
     a.add_argument("--warmup", type=int, default=1)
     a.add_argument("--reps", type=int, default=3, help="least timed runs per measurement (median)")
     a.add_argument("--budget-ms", type=float, default=1000.0, help="timed run time per measurement")
@@ -119,12 +110,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--lengths", type=_int_list, default=None,
                    help="comma-separated prompt lengths (default 8K,32K,128K on GPU; 2K,4K on CPU)")
     f.add_argument("--batch", type=int, default=1)
-    f.add_argument("--keep-ratios", type=_float_list, default=[0.25], help="fixed kept shares to run")
-    f.add_argument("--coverage", type=float, default=0.005, help="coverage tau (negative: skip coverage mode)")
-    f.add_argument("--sparse-layers", type=_int_list, default=None, help="default: the second half of the layers")
-    f.add_argument("--window", type=int, default=128)
-    f.add_argument("--min-tokens", type=int, default=1024)
-    f.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    f.add_argument("--methods", default="token_sparse:keep_ratio=0.25", type=_methods,
+                   help="comma-separated method specs run beside dense (default token_sparse:keep_ratio=0.25)")
+    f.add_argument("--rope-scaling", type=float, default=None, help="YaRN factor for a loaded model (e.g. 16)")
+    f.add_argument("--profile", default=None, help="layer profile JSON (default: the shipped one, if any)")
+    f.add_argument("--min-length", type=int, default=0, help="length gate: shorter prefills run dense")
     f.add_argument("--warmup", type=int, default=1)
     f.add_argument("--reps", type=int, default=2)
     f.add_argument("--device", default=None)
@@ -139,6 +129,24 @@ def _int_list(text: str) -> list[int]:
 
 def _float_list(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
+
+
+def _methods(text: str):
+    """Method specs of the registry (argparse type: a bad spec is a usage error naming it)."""
+    from .methods import parse_methods
+
+    try:
+        return parse_methods(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _method(text: str):
+    """One method spec (argparse type)."""
+    specs = _methods(text)
+    if len(specs) != 1:
+        raise argparse.ArgumentTypeError(f"expected one method spec, got {len(specs)}: {text!r}")
+    return specs[0]
 
 
 def _str_list(text: str) -> list[str]:
@@ -181,7 +189,6 @@ def _run_bench(
 
 def _run_bench_attention(args: argparse.Namespace) -> int:
     from .bench.attention import AttentionBenchConfig, plot_attention, run_attention_bench, summary_lines
-    from .flexprefill import FlexPrefillConfig
 
     shape = {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128}
     if args.hf_config:
@@ -199,11 +206,8 @@ def _run_bench_attention(args: argparse.Namespace) -> int:
             shape[key] = value
     cfg = AttentionBenchConfig(
         lengths=tuple(args.lengths), batches=tuple(args.batch), max_tokens=args.max_tokens, **shape,
-        dtype=args.dtype, keep_ratios=tuple(args.keep_ratios), coverages=tuple(args.coverage),
-        coverage_inputs=tuple(args.inputs), window=args.window, min_tokens=args.min_tokens,
-        methods=tuple(args.methods), dropped_rows=args.dropped_rows,
-        flexprefill=FlexPrefillConfig(args.fp_gamma, args.fp_tau, args.fp_min_budget, args.fp_block, args.backend),
-        backend=args.backend, warmup=args.warmup, min_reps=args.reps, budget_ms=args.budget_ms, device=args.device,
+        dtype=args.dtype, methods=tuple(s.label for s in args.methods), inputs=tuple(args.inputs),
+        warmup=args.warmup, min_reps=args.reps, budget_ms=args.budget_ms, device=args.device,
     )
     return _run_bench(run_attention_bench, cfg, args, plot_attention, summary_lines)
 
@@ -216,10 +220,8 @@ def _run_bench_prefill(args: argparse.Namespace) -> int:
     on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     lengths = args.lengths or ([8192, 32768, 131072] if on_gpu else [2048, 4096])
     cfg = PrefillBenchConfig(
-        model=args.model, lengths=tuple(lengths), batch=args.batch, keep_ratios=tuple(args.keep_ratios),
-        coverage=args.coverage if args.coverage >= 0 else None,
-        sparse_layers=tuple(args.sparse_layers) if args.sparse_layers else None,
-        window=args.window, min_tokens=args.min_tokens, backend=args.backend,
+        model=args.model, lengths=tuple(lengths), batch=args.batch, methods=tuple(s.label for s in args.methods),
+        rope_scaling=args.rope_scaling, profile=args.profile, min_length=args.min_length,
         warmup=args.warmup, min_reps=args.reps, device=args.device,
     )
     return _run_bench(run_prefill_bench, cfg, args, plot_prefill, summary_lines)
@@ -362,7 +364,7 @@ def _load_for_eval(args: argparse.Namespace):
     import torch
 
     from . import models
-    from .eval.methods import parse_methods
+    from .methods import parse_methods
 
     methods = parse_methods(args.methods)  # fail before the slow load
     dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -2,6 +2,9 @@
 
 Defaults are the reference hyperparameters of the paper (coverage tau 0.005,
 observation window 128, pooling kernel 7, at least 1024 prefix tokens kept).
+The attention that runs on the kept tokens is not a field here: a composition
+(``token_sparse+flexprefill``, ``token_sparse+xattention``) is a method of
+:mod:`tokensparse.methods` that passes its inner attention to the op.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 BUDGET_MODES = ("coverage", "head_coverage", "keep_ratio", "keep_tokens")
-ATTENTION_KINDS = ("sdpa", "flexprefill")
 DROPPED_ROWS = ("zero", "local")
 
 
@@ -46,14 +48,6 @@ class TokenSparseConfig:
             decides when the config is applied to a model.
         backend: ``"auto"`` (Triton kernels on CUDA tensors, PyTorch elsewhere),
             ``"triton"`` or ``"torch"``.
-        attention: the attention that runs on the (compressed) tokens:
-            ``"sdpa"`` (dense causal) or ``"flexprefill"`` (block-sparse
-            FlexPrefill, :mod:`tokensparse.flexprefill`; with
-            :func:`tokensparse.enable` it also runs on the dense layers' prefill).
-        fp_gamma: FlexPrefill's share of estimated attention mass kept, (0, 1].
-        fp_tau: FlexPrefill's Jensen-Shannon threshold for query-aware heads, >= 0.
-        fp_block: FlexPrefill's block size, a positive multiple of 16.
-        fp_min_budget: FlexPrefill's minimum budget in tokens, >= 0.
         dropped_rows: what the rows of tokens a head did not keep get:
             ``"zero"`` (the paper: the token skips the layer's attention) or
             ``"local"`` (sink + local attention,
@@ -73,11 +67,6 @@ class TokenSparseConfig:
     keep_tokens: int | None = None
     sparse_layers: tuple[int, ...] | None = None
     backend: str = "auto"
-    attention: str = "sdpa"
-    fp_gamma: float = 0.95
-    fp_tau: float = 0.1
-    fp_block: int = 128
-    fp_min_budget: int = 1024
     dropped_rows: str = "zero"
     local_block: int = 64
 
@@ -128,16 +117,6 @@ class TokenSparseConfig:
             object.__setattr__(self, "sparse_layers", tuple(sorted(set(int(i) for i in layers))))
         if self.backend not in ("auto", "triton", "torch"):
             fail("backend", "one of 'auto', 'triton', 'torch'")
-        if self.attention not in ATTENTION_KINDS:
-            fail("attention", f"one of {ATTENTION_KINDS}")
-        if not _is_real(self.fp_gamma) or not 0.0 < self.fp_gamma <= 1.0:
-            fail("fp_gamma", "a number in (0, 1]")
-        if not _is_real(self.fp_tau) or self.fp_tau < 0.0:
-            fail("fp_tau", "a number >= 0")
-        if not _is_int(self.fp_block) or self.fp_block < 16 or self.fp_block % 16:
-            fail("fp_block", "a positive multiple of 16")
-        if not _is_int(self.fp_min_budget) or self.fp_min_budget < 0:
-            fail("fp_min_budget", "an integer >= 0")
         if self.dropped_rows not in DROPPED_ROWS:
             fail("dropped_rows", f"one of {DROPPED_ROWS}")
         if not _is_int(self.local_block) or self.local_block < 16 or self.local_block % 16:

@@ -1,4 +1,4 @@
-"""The demo: one needle-in-a-haystack prompt answered densely and with Token Sparse Attention."""
+"""The demo: one needle-in-a-haystack prompt answered densely and with a sparse method (Token Sparse by default)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from . import models
 from .config import TokenSparseConfig
+from .methods import MethodSpec, as_spec
 from .eval.niah import build_needle_prompt, is_correct
 from .integrations.transformers import LayerRecord, disable, enable, selection_report, sparse_layers_of
 
@@ -28,7 +29,7 @@ class DemoResult:
     prompt_tokens: int
     depth: float
     expected: str
-    config: TokenSparseConfig
+    method: MethodSpec
     sparse_layers: tuple[int, ...]
     runs: list[DemoRun]
     selection: dict[int, LayerRecord]  # what each sparse layer kept during the sparse prefill
@@ -71,34 +72,29 @@ def run_demo(
     model: str | models.LoadedModel = models.EMBEDDED_NAME,
     length: int = 4096,
     depth: float = 0.5,
-    coverage: float | None = None,
-    min_tokens: int = 1024,
-    dropped_rows: str = "zero",
+    method: str | MethodSpec | TokenSparseConfig | None = None,
     device: str | None = None,
     rope_scaling_factor: float | None = None,
     max_new_tokens: int = 32,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> DemoResult:
-    """Answer one needle prompt densely, then with Token Sparse Attention.
+    """Answer one needle prompt densely, then with a sparse method.
 
     Args:
         model: name, hub id or path (default: the embedded SmolLM2), or a
             :class:`~tokensparse.models.LoadedModel` already in memory.
         length: prompt length in tokens.
         depth: needle depth in [0, 1].
-        coverage: tau; default the paper's 0.005 (on the embedded model it drops
-            about 19% of prefix tokens per sparse layer at 4K and 34% at 8K).
-        min_tokens: floor on kept prefix tokens per head.
-        dropped_rows: "zero" (the paper) or "local" (sink + local attention in the
-            rows a head drops; see :class:`~tokensparse.TokenSparseConfig`).
+        method: a method spec (string, :class:`~tokensparse.methods.MethodSpec` or
+            config); default Token Sparse at the paper's coverage 0.005 (on the
+            embedded model it drops about 19% of prefix tokens per sparse layer at
+            4K and 34% at 8K).
         device: "cpu" or "cuda"; default CUDA if available.
         rope_scaling_factor: YaRN factor for prompts longer than the context.
         max_new_tokens: answer length cap.
         progress: called with a short message before each long step.
     """
-    config = TokenSparseConfig(min_tokens=min_tokens, dropped_rows=dropped_rows)
-    if coverage is not None:
-        config = config.replace(coverage=coverage)
+    spec = as_spec(TokenSparseConfig() if method is None else method)
     if isinstance(model, models.LoadedModel):
         loaded = model
     else:
@@ -119,17 +115,17 @@ def run_demo(
     answer = loaded.tokenizer.decode(ids[0], skip_special_tokens=True).strip()
     runs.append(DemoRun("dense", answer, is_correct(answer, prompt.expected), prefill_s))
 
-    enable(loaded.model, config, record=True)
+    enable(loaded.model, spec, record=True)
     try:
-        progress(f"token sparse prefill (coverage {config.coverage}) ...")
+        progress(f"{spec.label} prefill ...")
         ids, prefill_s = greedy_answer(loaded.model, input_ids, max_new_tokens)
         answer = loaded.tokenizer.decode(ids[0], skip_special_tokens=True).strip()
-        runs.append(DemoRun("token_sparse", answer, is_correct(answer, prompt.expected), prefill_s))
+        runs.append(DemoRun(spec.name, answer, is_correct(answer, prompt.expected), prefill_s))
         prefills = selection_report(loaded.model)
         sparse_layers = sparse_layers_of(loaded.model)
     finally:
         disable(loaded.model)
     # Decode steps never reach selection, so the one recorded prefill is the prompt's.
     selection = prefills[0] if prefills else {}
-    return DemoResult(prompt.num_tokens, depth, prompt.expected, config, sparse_layers, runs, selection)
+    return DemoResult(prompt.num_tokens, depth, prompt.expected, spec, sparse_layers, runs, selection)
 

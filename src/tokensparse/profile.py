@@ -275,7 +275,7 @@ def calibration_ids(tokenizer: Any, length: int, text: str | None = None) -> tor
 # ---------------------------------------------------------------- drift
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder layers, in order: the ModuleList whose i-th element holds layer i's attention."""
-    from .integrations.transformers import attention_layers
+    from .integrations.hf import attention_layers
 
     attention = attention_layers(model)
     if not attention:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 
 from tokensparse.cli import main
+from tokensparse.methods import parse_method
 
 
 def test_bench_attention_cli_tiny(tmp_path, capsys):
     out = tmp_path / "attention.json"
     code = main([
         "bench", "attention", "--device", "cpu", "--lengths", "96", "--batch", "1,2", "--heads", "4",
-        "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32", "--keep-ratios", "0.5",
-        "--window", "16", "--min-tokens", "16", "--coverage", "0.2", "--warmup", "0", "--reps", "2",
+        "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32",
+        "--methods", "token_sparse:keep_ratio=0.5,window=16,min_tokens=16,token_sparse:coverage=0.2,window=16,min_tokens=16",
+        "--inputs", "random,structured", "--warmup", "0", "--reps", "2",
         "--budget-ms", "1", "--out", str(out),
     ])
     assert code == 0
@@ -22,7 +24,8 @@ def test_bench_attention_cli_tiny(tmp_path, capsys):
     row = data["results"][0]
     assert row["dense"]["default"]["ms"] > 0
     labels = [e["label"] for e in row["sparse"]]
-    assert labels[0] == "keep 0.5" and any("structured" in x for x in labels)
+    assert labels[0] == parse_method("token_sparse:keep_ratio=0.5,window=16,min_tokens=16").label + " (random)"
+    assert any("structured" in x for x in labels)
     keep = row["sparse"][0]
     assert 0.5 < keep["kept_share"] < 0.8  # half the prefix plus the window
     for stage in ("score", "select", "gather", "attend", "scatter"):
@@ -40,28 +43,29 @@ def test_bench_attention_cli_all_methods(tmp_path, capsys):
     out = tmp_path / "attention.json"
     code = main([
         "bench", "attention", "--device", "cpu", "--lengths", "200", "--batch", "1", "--heads", "4",
-        "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32", "--keep-ratios", "0.5",
-        "--window", "16", "--min-tokens", "16", "--coverage", "0.2", "--inputs", "realistic",
-        "--methods", "dense,token_sparse,flexprefill,token_sparse+flexprefill",
-        "--fp-block", "32", "--fp-min-budget", "32", "--fp-gamma", "0.5", "--warmup", "0", "--reps", "1", "--budget-ms", "1",
+        "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32", "--inputs", "realistic",
+        "--methods", "dense,token_sparse:coverage=0.2,window=16,min_tokens=16,flexprefill:block_size=32,min_budget=32,gamma=0.5,"
+        "token_sparse+flexprefill:keep_ratio=0.5,window=16,min_tokens=16,block_size=32,min_budget=32,gamma=0.5",
+        "--warmup", "0", "--reps", "1", "--budget-ms", "1",
         "--out", str(out),
     ])
     assert code == 0
     row = json.loads(out.read_text())["results"][0]
     by_label = {e["label"]: e for e in row["sparse"]}
-    assert set(by_label) == {
-        "keep 0.5", "keep 0.5 + flexprefill", "flexprefill (realistic)",
-        "coverage 0.2 (realistic)", "coverage 0.2 (realistic) + flexprefill",
-    }
-    fp = by_label["flexprefill (realistic)"]
+    fp_label = parse_method("flexprefill:gamma=0.5,min_budget=32,block_size=32").label + " (realistic)"
+    comp_label = parse_method("token_sparse+flexprefill:keep_ratio=0.5,window=16,min_tokens=16,"
+                              "gamma=0.5,min_budget=32,block_size=32").label + " (realistic)"
+    coverage_label = parse_method("token_sparse:coverage=0.2,window=16,min_tokens=16").label + " (realistic)"
+    assert set(by_label) == {coverage_label, fp_label, comp_label}
+    fp = by_label[fp_label]
     assert fp["method"] == "flexprefill" and 0 < fp["visited_share"] < 1  # 7 blocks, gamma 0.5: some are skipped
     assert fp["stages_ms"]["estimate"] > 0 and fp["stages_ms"]["kernel"] > 0
     assert fp["kernel_over_default_x_share"] > 0
-    comp = by_label["keep 0.5 + flexprefill"]
+    comp = by_label[comp_label]
     assert comp["method"] == "token_sparse+flexprefill" and comp["kept_share"] < 0.8
     assert comp["speedup_vs_default"] > 0
     printed = capsys.readouterr().out
-    assert "flexprefill (realistic)" in printed and "kernel/(dense x share)" in printed
+    assert fp_label in printed and "kernel/(dense x share)" in printed
 
 
 def test_bench_attention_rejects_unknown_method():
@@ -69,23 +73,26 @@ def test_bench_attention_rejects_unknown_method():
 
     from tokensparse.bench.attention import AttentionBenchConfig
 
-    with pytest.raises(ValueError, match="methods: unknown"):
-        AttentionBenchConfig(methods=("token_sparse", "xattention"))
-    with pytest.raises(ValueError, match="coverage_inputs: unknown"):
-        AttentionBenchConfig(coverage_inputs=("zeros",))
+    with pytest.raises(ValueError, match="unknown method 'flash'"):
+        AttentionBenchConfig(methods=("token_sparse", "flash"))
+    with pytest.raises(ValueError, match="inputs: unknown"):
+        AttentionBenchConfig(inputs=("zeros",))
 
 
 def test_bench_prefill_cli_tiny_model(tmp_path):
     out = tmp_path / "prefill.json"
     code = main([
         "bench", "prefill", "--device", "cpu", "--model", "tiny-random", "--lengths", "160",
-        "--keep-ratios", "0.5", "--window", "16", "--min-tokens", "16", "--warmup", "0", "--reps", "1",
-        "--out", str(out),
+        "--methods", "token_sparse:window=16,min_tokens=16,token_sparse:keep_ratio=0.5,window=16,min_tokens=16",
+        "--warmup", "0", "--reps", "1", "--out", str(out),
     ])
     assert code == 0
     data = json.loads(out.read_text())
-    modes = data["results"][0]["modes"]
-    assert set(modes) == {"dense", "coverage 0.005", "keep 0.5"}
-    assert modes["keep 0.5"]["mean_kept_share"] < 0.9
+    row = data["results"][0]
+    modes = row["modes"]
+    keep = parse_method("token_sparse:keep_ratio=0.5,window=16,min_tokens=16").label
+    assert set(modes) == {"dense", parse_method("token_sparse:window=16,min_tokens=16").label, keep}
+    assert modes[keep]["mean_kept_share"] < 0.9
+    assert row["outside_attention_ms"] > 0 and all("attention_ms" in e for e in modes.values())
     assert modes["dense"]["speedup_vs_dense"] == 1.0
     assert (tmp_path / "prefill.png").stat().st_size > 0

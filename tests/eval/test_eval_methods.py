@@ -2,8 +2,7 @@
 
 import pytest
 
-from tokensparse import TokenSparseConfig
-from tokensparse.eval import methods
+from tokensparse import TokenSparseConfig, methods
 
 
 def test_specs_and_labels():
@@ -55,33 +54,56 @@ def test_errors_name_the_problem(spec, message):
 
 
 def test_registering_a_method_is_one_entry():
+    """A new method is one Method entry: spec parsing, labels and the model integration follow."""
+    from dataclasses import dataclass
+
+    import torch
+
+    import tokensparse
+    from tiny_models import tiny_llama
+    from tokensparse.ops import dense_causal_attention
+
+    @dataclass(frozen=True)
+    class ToyConfig:
+        k: int = 1
+
     calls = []
-    entry = methods.Method(
-        "toy_method",
-        enable=lambda model, config: calls.append(("enable", config)),
-        disable=lambda model: calls.append(("disable",)),
-        parse=lambda raw: ({"k": int(raw.get("k", 1))}, {"k": raw.get("k", "1")}),
-    )
+
+    def prefill(query, key, value, config, *, scale=None, key_padding_mask=None, layout="bhld"):
+        calls.append(config.k)
+        out = dense_causal_attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask)
+        return (out.transpose(1, 2) if layout == "blhd" else out), None
+
+    entry = methods.Method("toy_method", config_type=ToyConfig, prefill=prefill)
     methods.register_method(entry)
     try:
         spec = methods.parse_method("toy_method:k=3")
-        assert spec.label == "toy_method:k=3" and spec.config == {"k": 3}
-        spec.method.enable(None, spec.config)
-        spec.method.disable(None)
-        assert calls == [("enable", {"k": 3}), ("disable",)]
+        assert spec.label == "toy_method:k=3" and spec.config == ToyConfig(3)
+        assert methods.parse_method("toy_method").label == "toy_method"
+        with pytest.raises(ValueError, match="unknown setting 'j'"):
+            methods.parse_method("toy_method:j=1")
+        model = tiny_llama(num_layers=2)
+        ids = torch.randint(0, 128, (1, 40))
+        with torch.inference_mode():
+            ref = model(input_ids=ids).logits
+            tokensparse.enable(model, spec)
+            out = model(input_ids=ids).logits
+            tokensparse.disable(model)
+        assert calls == [3, 3]  # every layer, once
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert "toy_method" in methods.known_methods()
         with pytest.raises(ValueError, match="already registered"):
             methods.register_method(entry)
     finally:
-        methods._REGISTRY.pop("toy_method", None)
+        methods.registry._REGISTRY.pop("toy_method", None)
 
 
 def test_flexprefill_methods_are_registered():
-    from tokensparse.flexprefill import FlexPrefillConfig
+    from tokensparse.methods.flexprefill import FlexPrefillConfig
 
     fp, comp = methods.parse_methods("flexprefill:gamma=0.9,token_sparse+flexprefill:coverage=0.02")
     assert isinstance(fp.config, FlexPrefillConfig) and fp.config.gamma == 0.9
-    assert comp.config.attention == "flexprefill" and comp.config.coverage == 0.02
+    assert comp.config.inner.name == "flexprefill" and comp.config.token_sparse.coverage == 0.02
     assert comp.label == "token_sparse+flexprefill:coverage=0.02"
     with pytest.raises(ValueError, match="attention"):
         methods.parse_methods("token_sparse+flexprefill:attention=sdpa")
@@ -89,15 +111,15 @@ def test_flexprefill_methods_are_registered():
 
 def test_spec_for_gives_the_eval_label_of_a_config():
     from tokensparse import TokenSparseConfig
-    from tokensparse.eval.methods import parse_method, spec_for
-    from tokensparse.flexprefill import FlexPrefillConfig
+    from tokensparse.methods import composition_spec, parse_method, spec_for
+    from tokensparse.methods.flexprefill import FlexPrefillConfig
 
     base = TokenSparseConfig()
-    for name, config, spec in [
-        ("token_sparse", base.replace(budget="keep_ratio", keep_ratio=0.5), "token_sparse:keep_ratio=0.5"),
-        ("token_sparse", base.replace(coverage=0.02, sparse_layers=(3, 5)), "token_sparse:coverage=0.02,sparse_layers=3;5"),
-        ("token_sparse+flexprefill", base.replace(attention="flexprefill"), "token_sparse+flexprefill"),
-        ("flexprefill", FlexPrefillConfig(gamma=0.9), "flexprefill:gamma=0.9"),
-        ("dense", None, "dense"),
+    for spec_of, spec in [
+        (spec_for("token_sparse", base.replace(budget="keep_ratio", keep_ratio=0.5)), "token_sparse:keep_ratio=0.5"),
+        (spec_for("token_sparse", base.replace(coverage=0.02, sparse_layers=(3, 5))), "token_sparse:coverage=0.02,sparse_layers=3;5"),
+        (composition_spec("flexprefill", base), "token_sparse+flexprefill"),
+        (spec_for("flexprefill", FlexPrefillConfig(gamma=0.9)), "flexprefill:gamma=0.9"),
+        (spec_for("dense"), "dense"),
     ]:
-        assert spec_for(name, config).label == parse_method(spec).label
+        assert spec_of.label == parse_method(spec).label

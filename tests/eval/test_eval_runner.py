@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tokensparse.eval import niah, ruler, runner
-from tokensparse.eval.methods import parse_methods
+from tokensparse.methods import parse_methods
 from tokensparse.eval.results import load_records, read_results, result_path
 from tokensparse.eval.runner import run_eval
 

@@ -1,17 +1,19 @@
-"""One attention layer: dense cuDNN / flash against Token Sparse Attention, stage by stage.
+"""One attention layer: dense cuDNN / flash against every attention method, by spec.
 
 For every batch size and length: dense causal SDPA on all tokens with each
-backend that accepts the inputs, then the methods asked for:
+backend that accepts the inputs, then every method spec asked for
+(:mod:`tokensparse.methods`: ``token_sparse:keep_ratio=0.5``, ``flexprefill``,
+``xattention``, ``token_sparse+xattention:coverage=0.02``, ...) on every input kind:
 
-* ``token_sparse``: fixed kept shares (``keep_ratio`` budgets) on the first
-  input kind and coverage mode on each input kind, every stage timed on its own (score,
-  budget where it runs on the device, top-k, gather, dense attention on the kept
-  tokens, scatter) and the whole op end to end: as a lone call, and on CUDA also
-  with its launches queued ahead (GPU time alone, as inside a model's forward);
-* ``flexprefill``: FlexPrefill on each input kind: end to end, its pattern
-  estimation and its block-sparse kernel alone, the share of causal blocks
-  visited, and the kernel's time over dense cuDNN's time scaled by that share;
-* ``token_sparse+flexprefill``: the composition at every token-sparse setting.
+* ``token_sparse`` specs: every stage timed on its own (score, budget where it
+  runs on the device, top-k, gather, dense attention on the kept tokens,
+  scatter) and the whole op end to end: as a lone call, and on CUDA also with
+  its launches queued ahead (GPU time alone, as inside a model's forward);
+* block-sparse methods (``flexprefill``, ``xattention``): end to end, their
+  pattern estimation and the block-sparse kernel alone on that pattern, the
+  share of causal blocks visited, and the kernel's time over dense cuDNN's time
+  scaled by that share;
+* any other method (the compositions): end to end, with the kept share.
 
 Input kinds: ``random`` (standard normal), ``structured`` (sinks, heavy tokens
 and a local band added to random vectors, so coverage really drops tokens) and
@@ -32,22 +34,32 @@ import torch
 
 from ..attention import token_sparse_attention
 from ..config import TokenSparseConfig
-from ..eval.methods import spec_for
-from ..flexprefill import FlexPrefillConfig, estimate_pattern, flexprefill_attention
 from ..kernels import block_sparse, ops_for, sdpa
+from ..methods import MethodSpec, parse_methods, spec_for
 from ..selection import fixed_budget, select_tokens, smooth_scores, token_budget
 from .timing import machine_info, peak_memory, time_fn
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-METHODS = ("token_sparse", "flexprefill", "token_sparse+flexprefill")
+DEFAULT_METHODS = (
+    "token_sparse:keep_ratio=0.75",
+    "token_sparse:keep_ratio=0.5",
+    "token_sparse:keep_ratio=0.25",
+    "token_sparse:keep_ratio=0.1",
+    "token_sparse",
+)
 INPUT_KINDS = ("random", "structured", "realistic")
 
 
 @dataclass(frozen=True)
 class AttentionBenchConfig:
-    """What to run. Defaults: Llama-3.1-8B attention shapes, 8K-128K, batch 1 and 4."""
+    """What to run. Defaults: Llama-3.1-8B attention shapes, 8K-128K, batch 1 and 4,
+    token sparse at four fixed kept shares and at the paper's coverage.
+
+    ``methods`` are spec strings of :mod:`tokensparse.methods` (``dense`` is always
+    timed, with every backend in ``dense_backends``); ``inputs`` the input kinds
+    every method runs on."""
 
     lengths: tuple[int, ...] = (8192, 16384, 32768, 65536, 131072)
     batches: tuple[int, ...] = (1, 4)
@@ -56,16 +68,9 @@ class AttentionBenchConfig:
     num_kv_heads: int = 8
     head_dim: int = 128
     dtype: str = "bfloat16"
-    keep_ratios: tuple[float, ...] = (0.75, 0.5, 0.25, 0.1)
-    coverages: tuple[float, ...] = (0.005,)
-    coverage_inputs: tuple[str, ...] = ("random", "structured")
-    window: int = 128
-    min_tokens: int = 1024
-    methods: tuple[str, ...] = ("token_sparse",)
-    dropped_rows: str = "zero"
-    flexprefill: FlexPrefillConfig = FlexPrefillConfig()
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    inputs: tuple[str, ...] = ("random",)
     dense_backends: tuple[str, ...] = ("cudnn", "flash")
-    backend: str = "auto"
     warmup: int = 1
     min_reps: int = 3
     budget_ms: float = 1000.0
@@ -73,12 +78,14 @@ class AttentionBenchConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS + ("dense",)]
-        if unknown:
-            raise ValueError(f"methods: unknown {unknown}; expected some of dense, {', '.join(METHODS)}")
-        bad = [k for k in self.coverage_inputs if k not in INPUT_KINDS]
-        if bad:
-            raise ValueError(f"coverage_inputs: unknown {bad}; expected some of {', '.join(INPUT_KINDS)}")
+        self.specs()  # raises ValueError naming a bad spec
+        bad = [k for k in self.inputs if k not in INPUT_KINDS]
+        if bad or not self.inputs:
+            raise ValueError(f"inputs: unknown {bad}; expected some of {', '.join(INPUT_KINDS)}")
+
+    def specs(self) -> list[MethodSpec]:
+        """The parsed method specs, ``dense`` left out (it is always timed)."""
+        return [s for s in parse_methods(list(self.methods)) if s.name != "dense"] if self.methods else []
 
 
 def flops_causal(batch_heads: int, length: int, head_dim: int) -> float:
@@ -285,69 +292,51 @@ def _compare_with_dense(entry: dict[str, Any], dense: dict[str, Any]) -> None:
                 entry[f"memory_over_{name}"] = entry["memory"]["peak_bytes"] / d["memory"]["peak_bytes"]
 
 
-def _bench_flexprefill(cfg: AttentionBenchConfig, q, k, v, device, dense: dict[str, Any]) -> dict[str, Any]:
-    """FlexPrefill alone: end to end, estimation, kernel on its own pattern, blocks visited."""
+def _bench_method(cfg: AttentionBenchConfig, spec: MethodSpec, q, k, v, device, dense: dict[str, Any]) -> dict[str, Any]:
+    """Any method end to end; block-sparse methods also their estimation and kernel alone."""
     timing = dict(warmup=cfg.warmup, min_reps=cfg.min_reps, budget_ms=cfg.budget_ms)
-    fp = cfg.flexprefill
-    params = dict(gamma=fp.gamma, tau=fp.tau, min_budget=fp.min_budget, block_size=fp.block_size)
-    pattern = estimate_pattern(q, k, **params)
-    share = float(pattern.visited_share.mean())
-
-    def kernel():
-        return block_sparse.block_sparse_attention(
-            q, k, v, pattern.block_idx, pattern.block_cnt, fp.block_size, seq_lens=pattern.seq_lens, backend=fp.backend
-        )
+    method = spec.method
 
     def run_all():
-        return flexprefill_attention(q, k, v, **fp.kwargs())
+        out, _ = method.prefill(q, k, v, spec.config)
+        return out
 
+    _, stats = method.prefill(q, k, v, spec.config)
     total = time_fn(run_all, device, **timing)
     entry: dict[str, Any] = {
-        "method": "flexprefill",
-        "spec": spec_for("flexprefill", fp).label,
-        "visited_share": share,
-        "query_aware_share": float(pattern.query_aware.float().mean()),
-        "kernel_backend": "triton" if block_sparse.use_triton(q, fp.backend) else "torch",
-        "stages_ms": {
-            "estimate": time_fn(lambda: estimate_pattern(q, k, **params), device, **timing).median_ms,
-            "kernel": time_fn(kernel, device, **timing).median_ms,
-        },
+        "method": spec.name,
+        "spec": spec.label,
         "total": total.to_dict(),
         "total_ms": total.median_ms,
         "memory": peak_memory(run_all, device),
+        "stages_ms": {},
     }
+    if hasattr(stats, "kept_share"):  # a token selection (compositions)
+        entry["budget"] = spec.config.token_sparse.budget
+        entry["dense_fallback"] = stats.kept_idx is None
+        entry["kept_share"] = 1.0 if stats.kept_idx is None else float(stats.kept_share.mean())
+    if hasattr(stats, "block_idx"):  # a block pattern
+        entry["visited_share"] = float(stats.visited_share.mean())
+        if hasattr(stats, "query_aware"):
+            entry["query_aware_share"] = float(stats.query_aware.float().mean())
+        entry["kernel_backend"] = ops_for(q, getattr(spec.config, "backend", "auto")).name
+
+        def kernel():
+            return block_sparse.block_sparse_attention(
+                q, k, v, stats.block_idx, stats.block_cnt, stats.block_size, seq_lens=stats.seq_lens,
+                backend=getattr(spec.config, "backend", "auto"),
+            )
+
+        entry["stages_ms"]["kernel"] = time_fn(kernel, device, **timing).median_ms
+        if method.estimate is not None:
+            estimate = method.estimate
+            entry["stages_ms"]["estimate"] = time_fn(lambda: estimate(q, k, spec.config), device, **timing).median_ms
     _compare_with_dense(entry, dense)
+    share = entry.get("visited_share")
     for name, d in dense.items():
-        if d.get("available"):
-            # The issue's kernel target: kernel time over dense time scaled by the blocks visited.
+        if share and d.get("available") and "kernel" in entry["stages_ms"]:
+            # The kernel target: kernel time over dense time scaled by the blocks visited.
             entry[f"kernel_over_{name}_x_share"] = entry["stages_ms"]["kernel"] / (d["ms"] * share)
-    return entry
-
-
-def _bench_composition(
-    cfg: AttentionBenchConfig, config: TokenSparseConfig, q, k, v, device, dense: dict[str, Any]
-) -> dict[str, Any]:
-    """Token Sparse selection, FlexPrefill on the compressed tokens, scatter back: end to end."""
-    fp = cfg.flexprefill
-    config = config.replace(
-        attention="flexprefill", fp_gamma=fp.gamma, fp_tau=fp.tau, fp_block=fp.block_size, fp_min_budget=fp.min_budget
-    )
-    selection = select_tokens(q, k, config)
-
-    def run_all():
-        return token_sparse_attention(q, k, v, config=config)
-
-    total = time_fn(run_all, device, warmup=cfg.warmup, min_reps=cfg.min_reps, budget_ms=cfg.budget_ms)
-    entry: dict[str, Any] = {
-        "method": "token_sparse+flexprefill",
-        "spec": spec_for("token_sparse+flexprefill", config).label,
-        "kept_share": 1.0 if selection.kept_idx is None else float(selection.kept_share.mean()),
-        "dense_fallback": selection.kept_idx is None,
-        "total": total.to_dict(),
-        "total_ms": total.median_ms,
-        "memory": peak_memory(run_all, device),
-    }
-    _compare_with_dense(entry, dense)
     return entry
 
 
@@ -363,67 +352,39 @@ def run_attention_bench(
     say = progress or (lambda msg: None)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[cfg.dtype]
-    base = TokenSparseConfig(
-        window=cfg.window, min_tokens=cfg.min_tokens, backend=cfg.backend, dropped_rows=cfg.dropped_rows
-    )
+    specs = cfg.specs()
     meta = machine_info(device)
-    meta["stage_backend"] = ops_for(torch.empty(0, device=device), cfg.backend).name
+    meta["stage_backend"] = ops_for(torch.empty(0, device=device), "auto").name
     results = []
     for batch in cfg.batches:
         for length in cfg.lengths:
             if batch * length > cfg.max_tokens:
                 continue
             say(f"batch {batch}, length {length}")
-            q, k, v = make_inputs(
-                "random", batch, cfg.num_heads, cfg.num_kv_heads, length, cfg.head_dim, dtype, device, cfg.seed
-            )
             row: dict[str, Any] = {"batch": batch, "seq_len": length, "sparse": []}
-            row["dense"] = _bench_dense(cfg, q, k, v, device)
-            for name, d in row["dense"].items():
-                if d.get("available"):
-                    say(f"  dense {name:<8} {d['ms']:9.3f} ms  {d['tflops']:6.1f} TFLOP/s  gqa={d['gqa']}")
-            keep_kind = cfg.coverage_inputs[0] if cfg.coverage_inputs else "random"
-            modes: list[tuple[str, TokenSparseConfig, str]] = [
-                (f"keep {r:g}", base.replace(budget="keep_ratio", keep_ratio=r), keep_kind) for r in cfg.keep_ratios
-            ]
-            modes += [
-                (f"coverage {c:g} ({kind})", base.replace(coverage=c), kind)
-                for kind in cfg.coverage_inputs
-                for c in cfg.coverages
-            ]
-            for kind in dict.fromkeys(["random", *cfg.coverage_inputs]):
-                if kind != "random":
-                    q = k = v = None
-                    q, k, v = make_inputs(
-                        kind, batch, cfg.num_heads, cfg.num_kv_heads, length, cfg.head_dim, dtype, device, cfg.seed
-                    )
-                if "flexprefill" in cfg.methods and kind in cfg.coverage_inputs:
-                    entry = _bench_flexprefill(cfg, q, k, v, device, row["dense"])
-                    entry.update(label=f"flexprefill ({kind})", inputs=kind)
+            for n, kind in enumerate(cfg.inputs):
+                q, k, v = make_inputs(
+                    kind, batch, cfg.num_heads, cfg.num_kv_heads, length, cfg.head_dim, dtype, device, cfg.seed
+                )
+                if n == 0:
+                    # Dense cost does not depend on the values: timed once, on the first input kind.
+                    row["dense"] = _bench_dense(cfg, q, k, v, device)
+                    for name, d in row["dense"].items():
+                        if d.get("available"):
+                            say(f"  dense {name:<8} {d['ms']:9.3f} ms  {d['tflops']:6.1f} TFLOP/s  gqa={d['gqa']}")
+                for spec in specs:
+                    if spec.name == "token_sparse":
+                        entry = _bench_sparse(cfg, spec.config, q, k, v, device, row["dense"])
+                        entry.update(budget=spec.config.budget, keep_ratio=spec.config.keep_ratio)
+                    else:
+                        entry = _bench_method(cfg, spec, q, k, v, device, row["dense"])
+                    entry.update(label=f"{spec.label} ({kind})", inputs=kind)
                     row["sparse"].append(entry)
                     say(_progress_line(entry, row["dense"]))
-                for label, config, mode_kind in modes:
-                    if mode_kind != kind:
-                        continue
-                    if "token_sparse" in cfg.methods:
-                        entry = _bench_sparse(cfg, config, q, k, v, device, row["dense"])
-                        entry.update(label=label, budget=config.budget, keep_ratio=config.keep_ratio, inputs=kind)
-                        row["sparse"].append(entry)
-                        say(_progress_line(entry, row["dense"]))
-                    if "token_sparse+flexprefill" in cfg.methods:
-                        entry = _bench_composition(cfg, config, q, k, v, device, row["dense"])
-                        entry.update(
-                            label=f"{label} + flexprefill", budget=config.budget, keep_ratio=config.keep_ratio,
-                            inputs=kind,
-                        )
-                        row["sparse"].append(entry)
-                        say(_progress_line(entry, row["dense"]))
-            # Dense baselines of the structured inputs are not re-timed: dense cost
-            # does not depend on the values.
+                del q, k, v
             results.append(row)
             if checkpoint is not None:
                 checkpoint({"meta": meta, "config": asdict(cfg), "results": results})
-            del q, k, v
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if meta["stage_backend"] == "triton":
@@ -488,7 +449,8 @@ def plot_attention(data: dict[str, Any], path: str) -> None:
     ax2.plot(shares, [1 / s**2 for s in shares], "k--", label="ideal 1/share^2")
     for r in rows:
         for dense_name in ("cudnn", "flash", "default"):
-            for method, style in (("token_sparse", "o-"), ("token_sparse+flexprefill", "s:")):
+            methods = sorted({e.get("method", "token_sparse") for e in r["sparse"]})
+            for method, style in zip(methods, ("o-", "s:", "^--", "v-.")):
                 pts = [
                     (e["kept_share"], e[f"speedup_vs_{dense_name}"])
                     for e in r["sparse"]
@@ -497,7 +459,7 @@ def plot_attention(data: dict[str, Any], path: str) -> None:
                 ]
                 if pts:
                     pts.sort()
-                    suffix = "" if method == "token_sparse" else " +FP"
+                    suffix = "" if method == "token_sparse" else f" {method.removeprefix('token_sparse')}"
                     ax2.plot(*zip(*pts), style, label=f"L={r['seq_len']} vs {dense_name}{suffix}")
     ax2.set_xscale("log")
     ax2.set_yscale("log")
@@ -519,11 +481,11 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         dense = "  ".join(f"{n} {d['ms']:.2f} ms" for n, d in r["dense"].items() if d.get("available"))
         lines.append(f"B={r['batch']} L={r['seq_len']}: dense {dense}")
         for e in r["sparse"]:
-            if e.get("method") == "flexprefill":
+            if "visited_share" in e:
                 st = e["stages_ms"]
                 lines.append(
                     f"  {e['label']:<36} blocks {e['visited_share']:6.1%} total {e['total_ms']:8.2f} ms"
-                    f" estimate {st['estimate']:7.2f} kernel {st['kernel']:8.2f} ms"
+                    f" estimate {st.get('estimate', float('nan')):7.2f} kernel {st['kernel']:8.2f} ms"
                     f" kernel/(dense x share) "
                     f"{e.get('kernel_over_cudnn_x_share', e.get('kernel_over_default_x_share', float('nan'))):.2f}"
                     f" x{e.get('speedup_vs_cudnn', e.get('speedup_vs_default', float('nan'))):.2f}"

@@ -1,14 +1,18 @@
-"""Time to first token of a whole model: dense against Token Sparse Attention.
+"""Time to first token of a whole model: dense against every attention method, by spec.
 
 On a GPU the default model is the Llama-3.1-8B architecture with random bf16
 weights, built directly on the device (no download, no CPU initialisation); on
-the CPU the embedded SmolLM2. A prefill is one forward pass over the prompt
-that fills the KV cache and returns the last position's logits only. Sparse
-runs switch the model with :func:`tokensparse.enable` and back with
-:func:`tokensparse.disable`, so every mode is measured in the same process on
-the same weights. Random weights make attention close to uniform, so the
-coverage budget keeps nearly every token there; fixed kept shares
-(``keep_ratio``) show the cost at a known sparsity.
+the CPU the embedded SmolLM2. ``--model smollm2 --rope-scaling 16`` runs the
+embedded model's real weights with YaRN past its 8K context. A prefill is one
+forward pass over the prompt that fills the KV cache and returns the last
+position's logits only. Each method spec (:mod:`tokensparse.methods`) switches
+the model with :func:`tokensparse.enable` and back with :func:`tokensparse.disable`,
+so every method is measured in the same process on the same weights, beside
+dense. The time outside attention is measured once per length by running the
+same forward with an attention that does nothing; a method's attention time is
+its TTFT minus that. Random weights make attention close to uniform, so coverage
+budgets keep nearly every token there; fixed kept shares (``keep_ratio``) show
+the cost at a known sparsity.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import TokenSparseConfig
-from ..integrations.transformers import disable, enable, selection_report
+from ..integrations.transformers import disable, enable, plan_of, selection_report
+from ..methods import parse_methods
 from .timing import machine_info, time_fn
 
 logger = logging.getLogger(__name__)
@@ -31,23 +35,36 @@ TINY = "tiny-random"
 
 @dataclass(frozen=True)
 class PrefillBenchConfig:
-    """What to run. ``model``: "llama-3.1-8b-random", "tiny-random", or a name for
-    :func:`tokensparse.models.load` (default: Llama on CUDA, the embedded model on the CPU)."""
+    """What to run.
+
+    Attributes:
+        model: "llama-3.1-8b-random", "tiny-random", or a name for
+            :func:`tokensparse.models.load` (default: Llama on CUDA, the embedded
+            model on the CPU).
+        methods: method specs; ``dense`` is always run first.
+        rope_scaling: YaRN factor for a loaded model (prompts past its context).
+        profile: layer profile JSON for the sparse layers (default: the model's
+            shipped profile, else the second half of the layers).
+        min_length: the plan's length gate (prefills shorter run dense).
+    """
 
     model: str | None = None
     lengths: tuple[int, ...] = (8192, 32768, 131072)
     batch: int = 1
-    keep_ratios: tuple[float, ...] = (0.25,)
-    coverage: float | None = 0.005
-    sparse_layers: tuple[int, ...] | None = None
-    window: int = 128
-    min_tokens: int = 1024
-    backend: str = "auto"
+    methods: tuple[str, ...] = ("token_sparse:keep_ratio=0.25",)
+    rope_scaling: float | None = None
+    profile: str | None = None
+    min_length: int = 0
     warmup: int = 1
     min_reps: int = 2
     budget_ms: float = 1.0  # long runs: min_reps decides
     seed: int = 0
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        parse_methods(list(self.methods) or ["dense"])  # raises ValueError naming a bad spec
+        if not self.lengths or any(n < 1 for n in self.lengths):
+            raise ValueError(f"lengths must be positive, got {self.lengths}")
 
 
 def llama_8b_config(num_layers: int = 32):
@@ -85,7 +102,7 @@ def tiny_config():
     )
 
 
-def build_model(name: str, device: torch.device) -> tuple[Any, int]:
+def build_model(name: str, device: torch.device, rope_scaling: float | None = None) -> tuple[Any, int]:
     """(model in eval mode, vocabulary size)."""
     if name in (LLAMA_8B, TINY):
         from transformers import LlamaForCausalLM
@@ -100,7 +117,7 @@ def build_model(name: str, device: torch.device) -> tuple[Any, int]:
         return model.eval(), config.vocab_size
     from ..models import load
 
-    loaded = load(name, device=device)
+    loaded = load(name, device=device, rope_scaling_factor=rope_scaling)
     return loaded.model, int(loaded.model.config.vocab_size)
 
 
@@ -124,7 +141,7 @@ def run_prefill_bench(
     progress: Callable[[str], None] | None = None,
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Time to first token per length and mode; returns a JSON-ready dict.
+    """Time to first token per length and method; returns a JSON-ready dict.
 
     ``checkpoint`` receives the partial result after every length.
     """
@@ -132,19 +149,16 @@ def run_prefill_bench(
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = cfg.model or (LLAMA_8B if device.type == "cuda" else "smollm2")
     say(f"building {name} on {device}")
-    model, vocab = build_model(name, device)
-    num_layers = model.config.num_hidden_layers
-    sparse_layers = cfg.sparse_layers or tuple(range(num_layers // 2, num_layers))
-    base = TokenSparseConfig(
-        window=cfg.window, min_tokens=cfg.min_tokens, sparse_layers=sparse_layers, backend=cfg.backend
-    )
-    modes: list[tuple[str, TokenSparseConfig | None]] = [("dense", None)]
-    if cfg.coverage is not None:
-        modes.append((f"coverage {cfg.coverage:g}", base.replace(coverage=cfg.coverage)))
-    modes += [(f"keep {r:g}", base.replace(budget="keep_ratio", keep_ratio=r)) for r in cfg.keep_ratios]
+    model, vocab = build_model(name, device, cfg.rope_scaling)
+    specs = parse_methods(["dense", *cfg.methods])
+    plans = {}
+    for spec in specs[1:]:
+        enable(model, spec, profile=cfg.profile, min_length=cfg.min_length)
+        plans[spec.label] = [(label, layers) for label, layers in plan_of(model).describe()]
+        disable(model)
 
     meta = machine_info(device)
-    meta.update(model=name, num_layers=num_layers, sparse_layers=list(sparse_layers))
+    meta.update(model=name, num_layers=model.config.num_hidden_layers, plans=plans, rope_scaling=cfg.rope_scaling)
     results = []
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     with torch.inference_mode(), _sdpa_priority(device):
@@ -155,44 +169,73 @@ def run_prefill_bench(
                 return model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
 
             row: dict[str, Any] = {"seq_len": length, "batch": cfg.batch, "modes": {}}
-            for label, config in modes:
-                entry: dict[str, Any] = {}
-                warmup = cfg.warmup
-                if config is None:
-                    disable(model)
-                else:
-                    # A recorded run (it syncs to copy the kept counts) doubles as warm-up.
-                    enable(model, config, record=True)
-                    prefill()
-                    report = selection_report(model, clear=True)
-                    if report:
-                        last = report[-1]
-                        entry["kept_share_by_layer"] = {str(k): v.mean_kept_share for k, v in last.items()}
-                        entry["mean_kept_share"] = sum(v.mean_kept_share for v in last.values()) / max(len(last), 1)
-                    enable(model, config, record=False)
-                    warmup = max(cfg.warmup - 1, 0)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                t = time_fn(prefill, device, warmup=warmup, min_reps=cfg.min_reps, budget_ms=cfg.budget_ms)
-                entry.update(time=t.to_dict(), ttft_ms=t.median_ms)
-                if device.type == "cuda":
-                    entry["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
-                disable(model)
-                row["modes"][label] = entry
+            row["outside_attention_ms"] = _outside_attention_ms(model, prefill, device, cfg)
+            for spec in specs:
+                entry = _time_method(model, spec, prefill, device, cfg)
+                entry["attention_ms"] = entry["ttft_ms"] - row["outside_attention_ms"]
+                row["modes"][spec.label] = entry
                 share = entry.get("mean_kept_share")
                 say(
-                    f"L={length:>7} {label:<16} TTFT {t.median_ms:10.1f} ms"
+                    f"L={length:>7} {spec.label:<40} TTFT {entry['ttft_ms']:10.1f} ms"
+                    f"  attention {entry['attention_ms']:9.1f} ms"
                     + (f"  kept {share:6.1%} on sparse layers" if share is not None else "")
                 )
-            dense_ms = row["modes"]["dense"]["ttft_ms"]
-            for label, entry in row["modes"].items():
-                entry["speedup_vs_dense"] = dense_ms / entry["ttft_ms"]
+            dense = row["modes"]["dense"]
+            for entry in row["modes"].values():
+                entry["speedup_vs_dense"] = dense["ttft_ms"] / entry["ttft_ms"]
+                if entry.get("peak_memory_bytes") and dense.get("peak_memory_bytes"):
+                    entry["memory_over_dense"] = entry["peak_memory_bytes"] / dense["peak_memory_bytes"]
             results.append(row)
             if checkpoint is not None:
                 checkpoint({"meta": meta, "config": asdict(cfg), "results": results})
             del ids
     return {"meta": meta, "config": asdict(cfg), "results": results}
+
+
+def _time_method(model, spec, prefill, device: torch.device, cfg: PrefillBenchConfig) -> dict[str, Any]:
+    """TTFT, peak memory and the kept shares of one method (dense: the model as loaded)."""
+    entry: dict[str, Any] = {"spec": spec.label}
+    warmup = cfg.warmup
+    if spec.method.prefill is not None:
+        # A recorded run (it syncs to copy the kept counts) doubles as warm-up.
+        enable(model, spec, profile=cfg.profile, record=True, min_length=cfg.min_length)
+        prefill()
+        report = selection_report(model, clear=True)
+        if report:
+            last = report[-1]
+            entry["kept_share_by_layer"] = {str(k): v.mean_kept_share for k, v in last.items()}
+            entry["mean_kept_share"] = sum(v.mean_kept_share for v in last.values()) / max(len(last), 1)
+        enable(model, spec, profile=cfg.profile, record=False, min_length=cfg.min_length)
+        warmup = max(cfg.warmup - 1, 0)
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time_fn(prefill, device, warmup=warmup, min_reps=cfg.min_reps, budget_ms=cfg.budget_ms)
+        entry.update(time=t.to_dict(), ttft_ms=t.median_ms)
+        if device.type == "cuda":
+            entry["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    finally:
+        disable(model)
+    return entry
+
+
+def _no_attention(module, query, key, value, attention_mask, **kwargs):
+    """An attention that reads nothing: (B, Lq, H, D), for timing the rest of the model."""
+    return query.transpose(1, 2), None
+
+
+def _outside_attention_ms(model, prefill, device: torch.device, cfg: PrefillBenchConfig) -> float:
+    """TTFT of the same forward with every attention call doing nothing."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("tokensparse_no_attention", _no_attention)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("tokensparse_no_attention")
+    try:
+        return time_fn(prefill, device, warmup=cfg.warmup, min_reps=cfg.min_reps, budget_ms=cfg.budget_ms).median_ms
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def plot_prefill(data: dict[str, Any], path: str) -> None:
@@ -202,16 +245,21 @@ def plot_prefill(data: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8))
     labels = list(data["results"][0]["modes"]) if data["results"] else []
     lengths = [r["seq_len"] for r in data["results"]]
     for label in labels:
         ax1.plot(lengths, [r["modes"][label]["ttft_ms"] / 1e3 for r in data["results"]], "o-", label=label)
         ax2.plot(lengths, [r["modes"][label]["speedup_vs_dense"] for r in data["results"]], "o-", label=label)
-    for ax in (ax1, ax2):
+        ax3.plot(lengths, [r["modes"][label]["attention_ms"] / 1e3 for r in data["results"]], "o-", label=label)
+    ax3.plot(lengths, [r["outside_attention_ms"] / 1e3 for r in data["results"]], "k--", label="outside attention")
+    ax2.axhline(1.0, color="gray", lw=0.8)
+    ax3.set_yscale("log")
+    ax3.set_ylabel("seconds (attention = TTFT - outside)")
+    for ax in (ax1, ax2, ax3):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt tokens")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6)
     ax1.set_yscale("log")
     ax1.set_ylabel("time to first token (s)")
     ax2.set_ylabel("speedup over dense")
@@ -230,5 +278,5 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             + (f" ({e['mean_kept_share']:.0%} kept)" if "mean_kept_share" in e else "")
             for label, e in r["modes"].items()
         ]
-        lines.append(f"L={r['seq_len']}: " + " | ".join(parts))
+        lines.append(f"L={r['seq_len']} (outside attention {r['outside_attention_ms'] / 1e3:.2f}s): " + " | ".join(parts))
     return lines

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..config import TokenSparseConfig
-from ..flexprefill import estimate_pattern
+from ..methods.flexprefill import estimate_pattern
 from ..kernels.reference import window_mass_ref
 from ..selection import select_tokens
 

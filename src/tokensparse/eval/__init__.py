@@ -7,7 +7,6 @@ Modules:
     infinitebench  InfiniteBench from its official JSONL files
     metrics        the benchmarks' scoring functions (F1, ROUGE-L, edit similarity, ...)
     haystack       haystack texts: filler, Python's reference prose, or the user's .txt files
-    methods        method specs (``dense``, ``token_sparse:coverage=0.02``, ...) and their registry
     prompts        :class:`Sample` and prompt building helpers
     runner         greedy generation with prefill timing, resumable JSONL results
     results        reading result files

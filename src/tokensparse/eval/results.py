@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from .methods import MethodSpec
+from ..methods import MethodSpec
 
 logger = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ layer that ran dense (prompt too short) counts as 1.0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -40,7 +41,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import metrics
-from .methods import MethodSpec, sparse_layers
+from ..integrations.transformers import disable, enable, selection_report, sparse_layers_of
+from ..methods import MethodSpec
+from ..methods.registry import LAYERS_SPARSE
 from .prompts import Sample
 from .results import read_results, record_key, result_path
 
@@ -128,12 +131,15 @@ def _run_method(
 ) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     num_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    method = spec.method
-    method.enable(model, spec.config)
+    # Dense is the model as loaded; every other method is switched on through the one integration.
+    switched = spec.method.prefill is not None
+    selects = spec.method.layers == LAYERS_SPARSE
+    if switched:
+        enable(model, spec, record=selects)
     try:
-        layers = sparse_layers(model)
-        window = getattr(spec.config, "window", None)
-        settings = spec.config.to_dict() if hasattr(spec.config, "to_dict") else None
+        layers = sparse_layers_of(model) if selects else ()
+        window = getattr(getattr(spec.config, "token_sparse", spec.config), "window", None)
+        settings = _settings(spec.config)
         batches = list(_batches(samples, batch_size))
         warm: set[int] = set()
         done = 0
@@ -143,15 +149,15 @@ def _run_method(
                 if batch[0].length not in warm:
                     # Untimed warm-up at this shape: kernel compilation and autotuning.
                     _generate(model, tokenizer, batch, max_new_tokens=1)
-                    if method.selection is not None:
-                        method.selection(model)
+                    if selects:
+                        selection_report(model, clear=True)
                     warm.add(batch[0].length)
                 texts, prefill_s = _generate(model, tokenizer, batch, max_new_tokens=max(s.max_new_tokens for s in batch))
-                prefills = method.selection(model) if method.selection is not None else []
+                prefills = selection_report(model, clear=True) if selects else []
                 records = prefills[0] if prefills else {}
                 for b, (sample, answer) in enumerate(zip(batch, texts)):
                     row = _record(sample, answer, eval_name, spec, settings, prefill_s, len(batch))
-                    if method.selection is not None:
+                    if selects:
                         row.update(_kept(records, layers, b, sample.num_tokens, window))
                     row["model"] = loaded.name
                     row["num_layers"] = num_layers
@@ -161,7 +167,20 @@ def _run_method(
                 if progress:
                     progress(spec.label, done, len(samples))
     finally:
-        method.disable(model)
+        if switched:
+            disable(model)
+
+
+def _settings(config: Any) -> dict[str, Any] | None:
+    """The method's settings as a JSON-able dict (nested for compositions), None without settings."""
+    if config is None:
+        return None
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if dataclasses.is_dataclass(config):
+        return {f.name: _settings(getattr(config, f.name)) if dataclasses.is_dataclass(getattr(config, f.name))
+                else getattr(config, f.name) for f in dataclasses.fields(config)}
+    return {"label": str(config)}
 
 
 def _repair(path: Path) -> None:

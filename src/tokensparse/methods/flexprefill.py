@@ -48,7 +48,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .kernels.block_sparse import (
+from ..ops import check_inputs
+from .registry import Method, register_method
+from ..kernels.block_sparse import (
     block_mask_from_lists,
     block_sparse_attention,
     lists_from_block_mask,
@@ -99,11 +101,6 @@ class FlexPrefillConfig:
     def runs_dense(self, seq_len: int) -> bool:
         """True when every causal block is visited whatever the inputs (L <= min budget)."""
         return seq_len <= max(self.min_budget, self.block_size)
-
-    @classmethod
-    def from_token_sparse(cls, config) -> "FlexPrefillConfig":
-        """The FlexPrefill part of a :class:`tokensparse.TokenSparseConfig`."""
-        return cls(config.fp_gamma, config.fp_tau, config.fp_min_budget, config.fp_block, config.backend)
 
 
 @dataclass(frozen=True)
@@ -180,8 +177,6 @@ def flexprefill_attention(
     Returns:
         The output in the query's dtype, and the pattern if ``return_pattern``.
     """
-    from .attention import check_inputs
-
     check_inputs(query, key, value, key_padding_mask)
     check_params(gamma=gamma, tau=tau, min_budget=min_budget, block_size=block_size)
     if layout not in ("bhld", "blhd"):
@@ -424,7 +419,7 @@ def _js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def _left_padded(query, key, value, key_padding_mask, *, layout, return_pattern, backend, **params):
     """Left-padded batches: gather each sequence's real tokens to the front (padding at
     the end, where ``seq_lens`` handles it exactly), attend, and put rows back."""
-    from .kernels.reference import gather_kept_ref, scatter_kept_ref
+    from ..kernels.reference import gather_kept_ref, scatter_kept_ref
 
     batch, num_heads, seq_len, _ = query.shape
     real = key_padding_mask.sum(dim=-1)  # (B,)
@@ -440,7 +435,44 @@ def _left_padded(query, key, value, key_padding_mask, *, layout, return_pattern,
     return (out, pattern) if return_pattern else out
 
 
+
+
+# ---------------------------------------------------------------- registry entry
+def _prefill(query, key, value, config: FlexPrefillConfig, *, scale=None, key_padding_mask=None, layout="bhld"):
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        key_padding_mask = None
+    return flexprefill_attention(
+        query, key, value, scale=scale, key_padding_mask=key_padding_mask, layout=layout, return_pattern=True,
+        **config.kwargs(),
+    )
+
+
+def _inner(config: FlexPrefillConfig):
+    def attend(query, key, value, *, scale, seq_lens=None, key_padding_mask=None):
+        return flexprefill_attention(
+            query, key, value, scale=scale, seq_lens=seq_lens, key_padding_mask=key_padding_mask, **config.kwargs()
+        )
+
+    return attend
+
+
+FLEXPREFILL = register_method(
+    Method(
+        "flexprefill",
+        config_type=FlexPrefillConfig,
+        prefill=_prefill,
+        runs_dense=lambda config, seq_len: config.runs_dense(seq_len),
+        inner=_inner,
+        estimate=lambda query, key, config: estimate_pattern(
+            query, key, gamma=config.gamma, tau=config.tau, min_budget=config.min_budget, block_size=config.block_size
+        ),
+        description="FlexPrefill block-sparse attention on every layer (gamma, tau, min_budget, block_size, backend)",
+    )
+)
+
+
 __all__ = [
+    "FLEXPREFILL",
     "FlexPrefillConfig",
     "BlockPattern",
     "flexprefill_attention",

@@ -1,0 +1,86 @@
+"""Ground-floor helpers every attention method shares: input checks and dense causal attention.
+
+Layout is SDPA's: query (B, H, L, D), key/value (B, Hkv, L, D), H a multiple of
+Hkv. Nothing here imports another tokensparse module, so any method may use it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dense_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal SDPA with GQA and optional left padding; padded rows are zero. (B, H, L, Dv)."""
+    gqa = query.shape[1] != key.shape[1]
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa)
+    seq_len = query.shape[2]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=query.device).tril()
+    # A padded query row sees no real key; letting it see itself keeps the softmax
+    # finite, and the row is zeroed below.
+    mask = (causal & key_padding_mask[:, None, None, :]) | torch.eye(seq_len, dtype=torch.bool, device=query.device)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+
+
+def check_inputs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the argument if the inputs do not fit the op."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims (B, H, L, D), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+        )
+    batch, num_heads, seq_len, head_dim = query.shape
+    if key.shape[0] != batch or value.shape[0] != batch:
+        raise ValueError(
+            f"batch sizes differ: query {batch}, key {key.shape[0]}, value {value.shape[0]}"
+        )
+    if key.shape[2] != seq_len or value.shape[2] != seq_len:
+        raise ValueError(
+            "query, key and value must have one sequence length (causal prefill), got "
+            f"query {seq_len}, key {key.shape[2]}, value {value.shape[2]}"
+        )
+    if key.shape[3] != head_dim:
+        raise ValueError(f"key head_dim {key.shape[3]} must equal query head_dim {head_dim}")
+    if key.shape[1] != value.shape[1]:
+        raise ValueError(f"key and value must have the same number of heads, got {key.shape[1]} and {value.shape[1]}")
+    if key.shape[1] == 0 or num_heads % key.shape[1] != 0:
+        raise ValueError(
+            f"query heads ({num_heads}) must be a multiple of key/value heads ({key.shape[1]})"
+        )
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise ValueError("key_padding_mask must be a bool tensor (True = real token)")
+        if key_padding_mask.shape != (batch, seq_len):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, L) = ({batch}, {seq_len}), got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != query.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, query on {query.device}")
+        # Left padding means once a row turns True it stays True.
+        if bool((key_padding_mask[:, 1:] < key_padding_mask[:, :-1]).any()):
+            raise ValueError("key_padding_mask must be left padding (False... then True...) in every row")
+
+
+__all__ = ["check_inputs", "dense_causal_attention"]
