@@ -194,7 +194,8 @@ def test_estimation_chunking_does_not_change_the_pattern(monkeypatch, budget):
     reshaped = 7 * 32 // 4  # padded length / stride
     head_bytes = 2 * 2 * reshaped * reshaped * 8  # batch * group * rows * cols * float64
     monkeypatch.setattr(xa, "_ESTIMATE_CHUNK_BYTES", 1 if budget == "one block" else 2 * head_bytes)
-    assert xa._estimate_steps(2, 2, 4, reshaped, 8, torch.float64) == ((1, 8) if budget == "one block" else (2, reshaped))
+    expected = (1, 8) if budget == "one block" else (2, reshaped)  # (KV heads, reshaped rows) per step
+    assert xa._estimate_steps(2, 2, 4, reshaped, 8, torch.float64) == expected
     torch.testing.assert_close(
         antidiagonal_block_scores(q, k, stride=4, block_size=32, seq_lens=lens), whole_scores, rtol=1e-12, atol=1e-14
     )
@@ -278,7 +279,8 @@ def test_per_head_lengths_equal_each_head_alone(kv_heads):
             torch.testing.assert_close(scores[b, h, :nb, :nb], ref, rtol=1e-9, atol=1e-12)
             assert (scores[b, h, nb:] == 0).all() and (scores[b, h, :, nb:] == 0).all()
             assert pattern_set(pattern, b, h) == reference_blocks(ref, 0.8)
-            alone = xattention_attention(*(t[b : b + 1, i : i + 1, :n] for t, i in ((q, h), (k, kvh), (v, kvh))), **kwargs)
+            alone_qkv = (t[b : b + 1, i : i + 1, :n] for t, i in ((q, h), (k, kvh), (v, kvh)))
+            alone = xattention_attention(*alone_qkv, **kwargs)
             torch.testing.assert_close(out[b, h, :n], alone[0, 0])
 
 
