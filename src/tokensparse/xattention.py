@@ -1,0 +1,433 @@
+"""XAttention: block-sparse attention chosen by antidiagonal scoring.
+
+Written from the published description (Xu et al., "XAttention: Block Sparse
+Attention with Antidiagonal Scoring", arXiv 2503.16428). For every head:
+
+1. **Antidiagonal scores.** With stride ``S`` the queries are regrouped so that
+   reshaped row ``r`` holds positions ``rS + S - 1, rS + S - 2, ..., rS`` side by
+   side, and the keys so that reshaped row ``c`` holds ``cS, ..., cS + S - 1``:
+   ``Q_r[r] . K_r[c]`` is the sum of the logits on the antidiagonal of the S x S
+   tile (r, c). Logits ``Q_r K_r^T * scale / S`` are masked causally at this
+   granularity (c <= r, so the diagonal tile counts), softmaxed per row, and
+   summed over the (B/S x B/S) tiles of each (query block, key block) of the
+   ``B x B`` grid. Each query block's row is normalised to sum 1.
+2. **Threshold selection.** Per query block, the key blocks ranked by score
+   (ties to the lower index) are kept until their cumulative score reaches
+   ``threshold`` of the row: the ``i``-th ranked block is kept iff it and all
+   lower-ranked blocks hold more than ``(1 - threshold)`` of the row (the same
+   set in exact arithmetic, and exactly "every nonzero block" at threshold 1).
+   The first key block (sink) and the diagonal block are always added (they do
+   not count towards the threshold: selection runs on all blocks first).
+3. The block-sparse kernel (:mod:`tokensparse.kernels.block_sparse`) visits only
+   the chosen blocks; inside them attention is exact causal attention.
+
+Lengths that are not a multiple of ``S`` or ``B``: the grids are aligned at
+position 0 and positions past a head's valid length ``n`` are zero vectors in the
+reshaped queries and keys. So the last reshaped row/column may be partial (it
+holds ``n mod S`` real tokens, the rest contributes zero to its logits, and the
+``/ S`` factor is unchanged); reshaped rows/columns at or past ``ceil(n / S)``
+hold no real token and are dropped (rows not counted, and causality keeps such
+columns from every counted row). The last
+query/key block of the ``B`` grid may be partial in the same way; query blocks at
+or past ``ceil(n / B)`` visit nothing.
+
+Compressed sequences (Token Sparse + XAttention) have per-head valid lengths
+``seq_lens`` with padding at the end: every head's scores use only its own valid
+queries and keys, exactly as if the head's sequence were alone (whatever the
+padding holds). With GQA the query heads of one KV head must share a length, as
+in :mod:`tokensparse.flexprefill`.
+
+Layout at this boundary is SDPA's: query (B, H, L, D), key/value (B, Hkv, L, D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kernels.block_sparse import (
+    block_mask_from_lists,
+    block_sparse_attention,
+    lists_from_block_mask,
+    num_blocks,
+    visited_share,
+)
+
+DEFAULT_THRESHOLD = 0.9
+DEFAULT_STRIDE = 8
+DEFAULT_BLOCK = 128
+_ESTIMATE_CHUNK_BYTES = 256 << 20  # reshaped fp32 logits per step
+
+
+@dataclass(frozen=True)
+class XAttentionConfig:
+    """Settings of XAttention used alone (see :func:`xattention_attention`).
+
+    Attributes:
+        threshold: share of each query block's estimated mass the kept key blocks
+            hold, (0, 1].
+        stride: antidiagonal stride S, a positive integer dividing ``block_size``.
+        block_size: the pattern's block, a positive multiple of 16 and of ``stride``.
+        backend: "auto", "triton" or "torch" for the block-sparse kernel.
+    """
+
+    threshold: float = DEFAULT_THRESHOLD
+    stride: int = DEFAULT_STRIDE
+    block_size: int = DEFAULT_BLOCK
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_params(threshold=self.threshold, stride=self.stride, block_size=self.block_size)
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be one of 'auto', 'triton', 'torch', got {self.backend!r}")
+
+    def kwargs(self) -> dict:
+        """Keyword arguments for :func:`xattention_attention`."""
+        return {
+            "threshold": self.threshold,
+            "stride": self.stride,
+            "block_size": self.block_size,
+            "backend": self.backend,
+        }
+
+    def runs_dense(self, seq_len: int) -> bool:
+        """True when every causal block is visited whatever the inputs.
+
+        With at most two blocks every causal block is the sink or a diagonal one.
+        Threshold 1 is not dense for every input: a block whose estimated mass
+        underflows to zero is dropped.
+        """
+        return seq_len <= 2 * self.block_size
+
+
+@dataclass(frozen=True)
+class XAttentionPattern:
+    """The blocks every head visits.
+
+    Attributes:
+        block_idx: (B, H, NQB, C) int32 visited key blocks per query block,
+            ascending; the first ``block_cnt`` entries are valid.
+        block_cnt: (B, H, NQB) int32; 0 for query blocks past a head's length.
+        block_size: the grid's block.
+        seq_lens: (B, H) int64 valid rows of each head.
+        stride: the antidiagonal stride the scores used.
+    """
+
+    block_idx: torch.Tensor
+    block_cnt: torch.Tensor
+    block_size: int
+    seq_lens: torch.Tensor
+    stride: int
+
+    @property
+    def visited_share(self) -> torch.Tensor:
+        """(B, H) float32 visited blocks over the causal blocks of each head."""
+        return visited_share(self.block_cnt, self.seq_lens, self.block_size)
+
+    def block_mask(self) -> torch.Tensor:
+        """(B, H, NQB, NKB) bool, the pattern as a block mask."""
+        return block_mask_from_lists(self.block_idx, self.block_cnt, self.block_cnt.shape[-1])
+
+
+def xattention_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    stride: int = DEFAULT_STRIDE,
+    block_size: int = DEFAULT_BLOCK,
+    scale: float | None = None,
+    seq_lens: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    layout: str = "bhld",
+    return_pattern: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, XAttentionPattern]:
+    """Causal XAttention; a drop-in for causal SDPA.
+
+    Args:
+        query: (B, H, L, D) floating point, after RoPE.
+        key: (B, Hkv, L, D), H a multiple of Hkv (GQA; K/V are never repeated).
+        value: (B, Hkv, L, Dv).
+        threshold: share of each query block's estimated mass the kept key blocks
+            must hold, (0, 1]; 1 keeps every block with a nonzero estimate.
+        stride: antidiagonal stride S (default 8), dividing ``block_size``.
+        block_size: the block of the pattern, a multiple of 16 and of ``stride``
+            (default 128).
+        scale: softmax scale, default 1 / sqrt(D) (the estimate uses scale / S).
+        seq_lens: optional (B, H) int valid rows of each head, padding at the end
+            (compressed sequences); rows past it are zero. With GQA (Hkv < H)
+            the heads of one KV group must share a length.
+        key_padding_mask: optional (B, L) bool, True for real tokens, padding on
+            the left (as transformers pads); padded rows are zero. Not with
+            ``seq_lens``.
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, PyTorch
+            otherwise), "triton" or "torch".
+        layout: "bhld" returns (B, H, L, Dv); "blhd" returns (B, L, H, Dv).
+        return_pattern: also return the :class:`XAttentionPattern`.
+
+    Returns:
+        The output in the query's dtype, and the pattern if ``return_pattern``.
+    """
+    from .attention import check_inputs
+
+    check_inputs(query, key, value, key_padding_mask)
+    check_params(threshold=threshold, stride=stride, block_size=block_size)
+    if layout not in ("bhld", "blhd"):
+        raise ValueError(f"layout must be 'bhld' or 'blhd', got {layout!r}")
+    if key_padding_mask is not None:
+        if seq_lens is not None:
+            raise ValueError("pass seq_lens or key_padding_mask, not both")
+        return run_left_padded(
+            xattention_attention, query, key, value, key_padding_mask, layout=layout,
+            return_pattern=return_pattern, threshold=threshold, stride=stride, block_size=block_size,
+            scale=scale, backend=backend,
+        )
+    pattern = estimate_xattention_pattern(
+        query, key, threshold=threshold, stride=stride, block_size=block_size, scale=scale, seq_lens=seq_lens
+    )
+    batch, num_heads, seq_len, _ = query.shape
+    out = None
+    if layout == "blhd":
+        out = query.new_empty(batch, seq_len, num_heads, value.shape[-1]).transpose(1, 2)
+    out = block_sparse_attention(
+        query, key, value, pattern.block_idx, pattern.block_cnt, block_size,
+        seq_lens=pattern.seq_lens, scale=scale, out=out, backend=backend,
+    )
+    if layout == "blhd":
+        out = out.transpose(1, 2)
+    return (out, pattern) if return_pattern else out
+
+
+def check_params(*, threshold: float, stride: int, block_size: int) -> None:
+    """Raise ``ValueError`` naming the parameter if an XAttention setting is invalid."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    _check_grid(stride, block_size)
+
+
+def _check_grid(stride: int, block_size: int) -> None:
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size % 16:
+        raise ValueError(f"block_size must be a positive multiple of 16, got {block_size!r}")
+    if block_size % stride:
+        raise ValueError(f"block_size ({block_size}) must be a multiple of stride ({stride})")
+
+
+# ---------------------------------------------------------------- pattern estimation
+@torch.no_grad()
+def estimate_xattention_pattern(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    stride: int = DEFAULT_STRIDE,
+    block_size: int = DEFAULT_BLOCK,
+    scale: float | None = None,
+    seq_lens: torch.Tensor | None = None,
+) -> XAttentionPattern:
+    """Choose each head's blocks (see the module docstring).
+
+    Args:
+        query: (B, H, L, D); key: (B, Hkv, L, D).
+        threshold, stride, block_size, scale: as :func:`xattention_attention`.
+        seq_lens: optional (B, H) valid rows per head, padding at the end.
+
+    Returns:
+        An :class:`XAttentionPattern`. Estimation runs on the inputs' device in
+        float32 (float64 for float64 inputs).
+    """
+    check_params(threshold=threshold, stride=stride, block_size=block_size)
+    lens = head_lengths(seq_lens, query, key)
+    scores = _block_scores(query, key, lens, stride, block_size, scale)
+    mask = select_blocks(scores, threshold, lens, block_size)
+    block_idx, block_cnt = lists_from_block_mask(mask)
+    return XAttentionPattern(block_idx, block_cnt, block_size, lens, stride)
+
+
+def head_lengths(seq_lens: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """(B, H) int64 valid rows per head (L where ``seq_lens`` is None), checked."""
+    batch, num_heads, seq_len, _ = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    if seq_lens is None:
+        return torch.full((batch, num_heads), seq_len, dtype=torch.long, device=query.device)
+    lens = seq_lens.to(device=query.device, dtype=torch.long)
+    if lens.shape != (batch, num_heads):
+        raise ValueError(f"seq_lens must have shape (B, H) = ({batch}, {num_heads}), got {tuple(lens.shape)}")
+    if bool(((lens < 0) | (lens > seq_len)).any()):
+        raise ValueError(f"seq_lens must lie in [0, {seq_len}]")
+    if group > 1 and bool((lens.view(batch, num_kv_heads, group) != lens[:, ::group, None]).any()):
+        raise ValueError("with GQA the query heads of one KV head must share a seq_lens value")
+    return lens
+
+
+@torch.no_grad()
+def antidiagonal_block_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    stride: int = DEFAULT_STRIDE,
+    block_size: int = DEFAULT_BLOCK,
+    scale: float | None = None,
+    seq_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Estimated attention mass of every (query block, key block) of each head.
+
+    Args:
+        query: (B, H, L, D); key: (B, Hkv, L, D).
+        stride, block_size, scale: as :func:`xattention_attention`.
+        seq_lens: optional (B, H) valid rows per head, padding at the end.
+
+    Returns:
+        (B, H, NQB, NKB) float32 (float64 for float64 inputs), NQB = NKB =
+        ceil(L / block_size): each valid query block's row sums to 1 and is zero
+        above the diagonal; rows past a head's length are zero.
+    """
+    _check_grid(stride, block_size)
+    return _block_scores(query, key, head_lengths(seq_lens, query, key), stride, block_size, scale)
+
+
+def _block_scores(query, key, lens, stride, block_size, scale) -> torch.Tensor:
+    """:func:`antidiagonal_block_scores` on checked arguments, ``lens`` (B, H) int64."""
+    batch, num_heads, seq_len, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    nb = num_blocks(seq_len, block_size)
+    tile = block_size // stride  # reshaped rows (and columns) per block
+    reshaped_len = nb * tile
+    reshaped_valid = (lens + stride - 1) // stride  # (B, H) reshaped rows holding a real token
+    scores = torch.zeros(batch, num_heads, nb, nb, dtype=acc, device=query.device)
+    kv_step, row_step = _estimate_steps(batch, group, num_kv_heads, reshaped_len, tile, acc)
+    for k0 in range(0, num_kv_heads, kv_step):
+        k1 = min(k0 + kv_step, num_kv_heads)
+        heads = slice(k0 * group, k1 * group)
+        k_r = _strided_rows(key[:, k0:k1], lens[:, heads][:, ::group], stride, nb * block_size, acc, reverse=False)
+        q_r = _strided_rows(query[:, heads], lens[:, heads], stride, nb * block_size, acc, reverse=True)
+        q_r = q_r.view(batch, k1 - k0, group, reshaped_len, -1)
+        for r0 in range(0, reshaped_len, row_step):
+            r1 = min(r0 + row_step, reshaped_len)
+            probs = _reshaped_softmax(
+                q_r[..., r0:r1, :], k_r[:, :, :r1], r0, reshaped_valid[:, heads], scale / stride
+            )  # (B, nH, r1 - r0, r1)
+            scores[:, heads, r0 // tile : r1 // tile, : r1 // tile] = probs.view(
+                batch, (k1 - k0) * group, (r1 - r0) // tile, tile, r1 // tile, tile
+            ).sum(dim=(3, 5))
+    total = scores.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, scores / total.clamp(min=torch.finfo(acc).tiny), 0.0)
+
+
+def _estimate_steps(batch, group, num_kv_heads, reshaped_len, tile, acc) -> tuple[int, int]:
+    """(KV heads, reshaped query rows) per step, so the logits of one step stay under
+    _ESTIMATE_CHUNK_BYTES. Rows go in whole blocks, so every tile sum is complete."""
+    row_bytes = batch * group * reshaped_len * torch.finfo(acc).bits // 8
+    head_bytes = row_bytes * reshaped_len
+    if head_bytes <= _ESTIMATE_CHUNK_BYTES:
+        # Several KV heads a step: compressed inputs have a KV head per query head,
+        # and one head a step would be dozens of small launches.
+        return max(1, min(num_kv_heads, _ESTIMATE_CHUNK_BYTES // max(head_bytes, 1))), reshaped_len
+    blocks = max(1, _ESTIMATE_CHUNK_BYTES // (row_bytes * tile))
+    return 1, blocks * tile
+
+
+def _strided_rows(x, lens, stride, padded, acc, *, reverse) -> torch.Tensor:
+    """(B, n, L, D) rows and (B, n) lengths -> (B, n, padded / S, S * D) in ``acc``:
+    reshaped row r concatenates positions rS .. rS + S - 1 (reversed if ``reverse``),
+    with positions at or past the head's length set to zero."""
+    batch, heads, seq_len, dim = x.shape
+    full = x.new_zeros(batch, heads, padded, dim, dtype=acc)
+    full[:, :, :seq_len] = x
+    pos = torch.arange(padded, device=x.device)
+    full.masked_fill_((pos >= lens[..., None])[..., None], 0.0)
+    full = full.view(batch, heads, padded // stride, stride, dim)
+    if reverse:
+        full = full.flip(3)
+    return full.reshape(batch, heads, padded // stride, stride * dim)
+
+
+def _reshaped_softmax(q_r, k_r, row0, reshaped_valid, scale) -> torch.Tensor:
+    """Causal softmax of reshaped query rows ``row0 ..`` over reshaped key rows.
+
+    q_r: (B, nK, G, R, S*D); k_r: (B, nK, C, S*D) with C = row0 + R (later columns are
+    above the diagonal); reshaped_valid: (B, nK * G). Returns (B, nK * G, R, C); rows
+    at or past a head's reshaped length, and so every column past it, are zero.
+    """
+    batch, kv_heads, group, rows, width = q_r.shape
+    cols = k_r.shape[2]
+    logits = torch.matmul(q_r.reshape(batch, kv_heads, group * rows, width), k_r.transpose(-1, -2))
+    logits = logits.view(batch, kv_heads * group, rows, cols).mul_(scale)
+    r = torch.arange(row0, row0 + rows, device=q_r.device)
+    c = torch.arange(cols, device=q_r.device)
+    logits.masked_fill_(c[None, :] > r[:, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # Columns past the head's length are seen only by rows past it (c <= r), which
+    # count nothing, so the causal mask is the only column mask needed.
+    return probs.masked_fill_((r >= reshaped_valid[..., None])[..., None], 0.0)
+
+
+def select_blocks(scores: torch.Tensor, threshold: float, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Threshold selection plus the sink and diagonal blocks.
+
+    Args:
+        scores: (B, H, NQB, NKB) nonnegative block scores, zero above the diagonal.
+        threshold: share of each row's total the kept blocks reach, (0, 1].
+        seq_lens: (B, H) valid rows per head; query blocks past it keep nothing.
+        block_size: the grid's block.
+
+    Returns:
+        (B, H, NQB, NKB) bool block mask, causal.
+    """
+    nb = scores.shape[-1]
+    ranked = torch.sort(scores, dim=-1, descending=True, stable=True)
+    # The i-th ranked block is kept iff it and all after it hold more than
+    # (1 - threshold) of the row: "the fewest blocks reaching threshold", written so
+    # that threshold 1 keeps exactly the nonzero blocks (a sum of nonnegative terms
+    # is zero only if all are).
+    rest = ranked.values.flip(-1).cumsum(dim=-1).flip(-1)
+    keep_ranked = rest > (1.0 - threshold) * rest[..., :1]
+    mask = torch.zeros_like(keep_ranked).scatter_(-1, ranked.indices, keep_ranked)
+    blk = torch.arange(nb, device=scores.device)
+    mask |= (blk[:, None] == blk[None, :]) | (blk == 0)[None, :]
+    nq = (seq_lens + block_size - 1) // block_size
+    mask &= blk[:, None] >= blk[None, :]
+    return mask & (blk[:, None] < nq[..., None, None])
+
+
+# ---------------------------------------------------------------- left padding
+def run_left_padded(attention, query, key, value, key_padding_mask, *, layout, return_pattern, **params):
+    """Left-padded batches for a block-sparse op with ``seq_lens`` (as FlexPrefill's):
+    gather each sequence's real tokens to the front (padding at the end, where
+    ``seq_lens`` handles it exactly), run ``attention``, and put rows back.
+
+    ``attention(q, k, v, seq_lens=..., return_pattern=True, **params)`` must return
+    (B, H, L, Dv) and its pattern; the pattern returned here is the one of the
+    front-gathered sequences.
+    """
+    from .kernels.reference import gather_kept_ref, scatter_kept_ref
+
+    batch, num_heads, seq_len, _ = query.shape
+    real = key_padding_mask.sum(dim=-1)  # (B,)
+    order = torch.argsort((~key_padding_mask).to(torch.uint8), dim=-1, stable=True)
+    kept = torch.where(torch.arange(seq_len, device=query.device) < real[:, None], order, seq_len)
+    kept_idx = kept[:, None, :].expand(batch, num_heads, seq_len).contiguous()
+    q_c, k_c, v_c = gather_kept_ref(query, key, value, kept_idx)
+    lens = real[:, None].expand(batch, num_heads).contiguous()
+    out_c, pattern = attention(q_c, k_c, v_c, seq_lens=lens, return_pattern=True, **params)
+    out = scatter_kept_ref(out_c, kept_idx, seq_len, layout)
+    return (out, pattern) if return_pattern else out
+
+
+__all__ = [
+    "XAttentionConfig",
+    "XAttentionPattern",
+    "xattention_attention",
+    "estimate_xattention_pattern",
+    "antidiagonal_block_scores",
+    "select_blocks",
+    "check_params",
+]
