@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tokensparse.xattention as xa
+import tokensparse.methods.xattention as xa
 from tokensparse.kernels.block_sparse import use_triton
-from tokensparse.xattention import (
+from tokensparse.methods.xattention import (
     XAttentionConfig,
     antidiagonal_block_scores,
     estimate_xattention_pattern,

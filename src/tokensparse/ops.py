@@ -1,13 +1,15 @@
 """Ground-floor helpers every attention method shares: input checks and dense causal attention.
 
 Layout is SDPA's: query (B, H, L, D), key/value (B, Hkv, L, D), H a multiple of
-Hkv. Nothing here imports another tokensparse module, so any method may use it.
+Hkv. Only the kernels package sits below this module, so any method may use it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .kernels.reference import gather_kept_ref, scatter_kept_ref
 
 
 def dense_causal_attention(
@@ -83,4 +85,26 @@ def check_inputs(
             raise ValueError("key_padding_mask must be left padding (False... then True...) in every row")
 
 
-__all__ = ["check_inputs", "dense_causal_attention"]
+# ---------------------------------------------------------------- left padding
+def run_left_padded(attention, query, key, value, key_padding_mask, *, layout, return_pattern, **params):
+    """Left-padded batches for a block-sparse op with ``seq_lens`` (as FlexPrefill's):
+    gather each sequence's real tokens to the front (padding at the end, where
+    ``seq_lens`` handles it exactly), run ``attention``, and put rows back.
+
+    ``attention(q, k, v, seq_lens=..., return_pattern=True, **params)`` must return
+    (B, H, L, Dv) and its pattern; the pattern returned here is the one of the
+    front-gathered sequences.
+    """
+    batch, num_heads, seq_len, _ = query.shape
+    real = key_padding_mask.sum(dim=-1)  # (B,)
+    order = torch.argsort((~key_padding_mask).to(torch.uint8), dim=-1, stable=True)
+    kept = torch.where(torch.arange(seq_len, device=query.device) < real[:, None], order, seq_len)
+    kept_idx = kept[:, None, :].expand(batch, num_heads, seq_len).contiguous()
+    q_c, k_c, v_c = gather_kept_ref(query, key, value, kept_idx)
+    lens = real[:, None].expand(batch, num_heads).contiguous()
+    out_c, pattern = attention(q_c, k_c, v_c, seq_lens=lens, return_pattern=True, **params)
+    out = scatter_kept_ref(out_c, kept_idx, seq_len, layout)
+    return (out, pattern) if return_pattern else out
+
+
+__all__ = ["check_inputs", "dense_causal_attention", "run_left_padded"]

@@ -7,7 +7,7 @@ Sparse selection with the block-sparse method on the kept tokens). Every entry
 point takes their spec strings, see :mod:`tokensparse.methods.registry`.
 """
 
-from . import dense, flexprefill, token_sparse
+from . import dense, flexprefill, token_sparse, xattention
 from .registry import (
     Method,
     MethodSpec,
@@ -21,7 +21,7 @@ from .registry import (
 )
 from .token_sparse import CompositionConfig, composition_spec, register_composition
 
-for _inner in ("flexprefill",):
+for _inner in ("flexprefill", "xattention"):
     register_composition(_inner)
 
 __all__ = [
@@ -40,4 +40,5 @@ __all__ = [
     "dense",
     "flexprefill",
     "token_sparse",
+    "xattention",
 ]

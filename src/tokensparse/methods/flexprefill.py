@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops import check_inputs
+from ..ops import check_inputs, run_left_padded
 from .registry import Method, register_method
 from ..kernels.block_sparse import (
     block_mask_from_lists,
@@ -184,8 +184,8 @@ def flexprefill_attention(
     if key_padding_mask is not None:
         if seq_lens is not None:
             raise ValueError("pass seq_lens or key_padding_mask, not both")
-        return _left_padded(
-            query, key, value, key_padding_mask, gamma=gamma, tau=tau, min_budget=min_budget,
+        return run_left_padded(
+            flexprefill_attention, query, key, value, key_padding_mask, gamma=gamma, tau=tau, min_budget=min_budget,
             block_size=block_size, scale=scale, backend=backend, layout=layout, return_pattern=return_pattern,
         )
     pattern = estimate_pattern(
@@ -416,27 +416,6 @@ def _js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- left padding
-def _left_padded(query, key, value, key_padding_mask, *, layout, return_pattern, backend, **params):
-    """Left-padded batches: gather each sequence's real tokens to the front (padding at
-    the end, where ``seq_lens`` handles it exactly), attend, and put rows back."""
-    from ..kernels.reference import gather_kept_ref, scatter_kept_ref
-
-    batch, num_heads, seq_len, _ = query.shape
-    real = key_padding_mask.sum(dim=-1)  # (B,)
-    order = torch.argsort((~key_padding_mask).to(torch.uint8), dim=-1, stable=True)
-    kept = torch.where(torch.arange(seq_len, device=query.device) < real[:, None], order, seq_len)
-    kept_idx = kept[:, None, :].expand(batch, num_heads, seq_len).contiguous()
-    q_c, k_c, v_c = gather_kept_ref(query, key, value, kept_idx)
-    lens = real[:, None].expand(batch, num_heads).contiguous()
-    out_c, pattern = flexprefill_attention(
-        q_c, k_c, v_c, seq_lens=lens, backend=backend, return_pattern=True, **params
-    )
-    out = scatter_kept_ref(out_c, kept_idx, seq_len, layout)
-    return (out, pattern) if return_pattern else out
-
-
-
-
 # ---------------------------------------------------------------- registry entry
 def _prefill(query, key, value, config: FlexPrefillConfig, *, scale=None, key_padding_mask=None, layout="bhld"):
     if key_padding_mask is not None and bool(key_padding_mask.all()):

@@ -46,7 +46,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.block_sparse import (
+from ..ops import check_inputs, run_left_padded
+from .registry import Method, register_method
+from ..kernels.block_sparse import (
     block_mask_from_lists,
     block_sparse_attention,
     lists_from_block_mask,
@@ -171,8 +173,6 @@ def xattention_attention(
     Returns:
         The output in the query's dtype, and the pattern if ``return_pattern``.
     """
-    from .attention import check_inputs
-
     check_inputs(query, key, value, key_padding_mask)
     check_params(threshold=threshold, stride=stride, block_size=block_size)
     if layout not in ("bhld", "blhd"):
@@ -398,31 +398,42 @@ def select_blocks(scores: torch.Tensor, threshold: float, seq_lens: torch.Tensor
     return mask & (blk[:, None] < nq[..., None, None])
 
 
-# ---------------------------------------------------------------- left padding
-def run_left_padded(attention, query, key, value, key_padding_mask, *, layout, return_pattern, **params):
-    """Left-padded batches for a block-sparse op with ``seq_lens`` (as FlexPrefill's):
-    gather each sequence's real tokens to the front (padding at the end, where
-    ``seq_lens`` handles it exactly), run ``attention``, and put rows back.
+# ---------------------------------------------------------------- registry entry
+def _prefill(query, key, value, config: XAttentionConfig, *, scale=None, key_padding_mask=None, layout="bhld"):
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        key_padding_mask = None
+    return xattention_attention(
+        query, key, value, scale=scale, key_padding_mask=key_padding_mask, layout=layout, return_pattern=True,
+        **config.kwargs(),
+    )
 
-    ``attention(q, k, v, seq_lens=..., return_pattern=True, **params)`` must return
-    (B, H, L, Dv) and its pattern; the pattern returned here is the one of the
-    front-gathered sequences.
-    """
-    from .kernels.reference import gather_kept_ref, scatter_kept_ref
 
-    batch, num_heads, seq_len, _ = query.shape
-    real = key_padding_mask.sum(dim=-1)  # (B,)
-    order = torch.argsort((~key_padding_mask).to(torch.uint8), dim=-1, stable=True)
-    kept = torch.where(torch.arange(seq_len, device=query.device) < real[:, None], order, seq_len)
-    kept_idx = kept[:, None, :].expand(batch, num_heads, seq_len).contiguous()
-    q_c, k_c, v_c = gather_kept_ref(query, key, value, kept_idx)
-    lens = real[:, None].expand(batch, num_heads).contiguous()
-    out_c, pattern = attention(q_c, k_c, v_c, seq_lens=lens, return_pattern=True, **params)
-    out = scatter_kept_ref(out_c, kept_idx, seq_len, layout)
-    return (out, pattern) if return_pattern else out
+def _inner(config: XAttentionConfig):
+    def attend(query, key, value, *, scale, seq_lens=None, key_padding_mask=None):
+        return xattention_attention(
+            query, key, value, scale=scale, seq_lens=seq_lens, key_padding_mask=key_padding_mask, **config.kwargs()
+        )
+
+    return attend
+
+
+XATTENTION = register_method(
+    Method(
+        "xattention",
+        config_type=XAttentionConfig,
+        prefill=_prefill,
+        runs_dense=lambda config, seq_len: config.runs_dense(seq_len),
+        inner=_inner,
+        estimate=lambda query, key, config: estimate_xattention_pattern(
+            query, key, threshold=config.threshold, stride=config.stride, block_size=config.block_size
+        ),
+        description="XAttention block-sparse attention on every layer (threshold, stride, block_size, backend)",
+    )
+)
 
 
 __all__ = [
+    "XATTENTION",
     "XAttentionConfig",
     "XAttentionPattern",
     "xattention_attention",
