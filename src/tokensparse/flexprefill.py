@@ -48,13 +48,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .kernels.block_sparse import (
-    block_mask_from_lists,
-    block_sparse_attention,
-    lists_from_block_mask,
-    num_blocks,
-    visited_share,
-)
+from .kernels import ops_for
+from .kernels.block_sparse import block_mask_from_lists, lists_from_block_mask, num_blocks, visited_share
+from .padding import front_to_left, left_to_front
 
 DEFAULT_GAMMA = 0.95
 DEFAULT_TAU = 0.1
@@ -172,8 +168,8 @@ def flexprefill_attention(
         key_padding_mask: optional (B, L) bool, True for real tokens, padding on
             the left (as transformers pads); padded rows are zero. Not with
             ``seq_lens``.
-        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, PyTorch
-            otherwise), "triton" or "torch".
+        backend: "auto" (the Triton kernel on CUDA, the PyTorch reference
+            elsewhere), "triton" or "torch"; see :func:`tokensparse.kernels.ops_for`.
         layout: "bhld" returns (B, H, L, Dv); "blhd" returns (B, L, H, Dv).
         return_pattern: also return the :class:`BlockPattern`.
 
@@ -200,9 +196,9 @@ def flexprefill_attention(
     out = None
     if layout == "blhd":
         out = query.new_empty(batch, seq_len, num_heads, value.shape[-1]).transpose(1, 2)
-    out = block_sparse_attention(
+    out = ops_for(query, backend).block_sparse_attention(
         query, key, value, pattern.block_idx, pattern.block_cnt, block_size,
-        seq_lens=pattern.seq_lens, scale=scale, out=out, backend=backend,
+        seq_lens=pattern.seq_lens, scale=scale, out=out,
     )
     if layout == "blhd":
         out = out.transpose(1, 2)
@@ -422,21 +418,16 @@ def _js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- left padding
 def _left_padded(query, key, value, key_padding_mask, *, layout, return_pattern, backend, **params):
-    """Left-padded batches: gather each sequence's real tokens to the front (padding at
+    """Left-padded batches: move each sequence's real tokens to the front (padding at
     the end, where ``seq_lens`` handles it exactly), attend, and put rows back."""
-    from .kernels.reference import gather_kept_ref, scatter_kept_ref
-
     batch, num_heads, seq_len, _ = query.shape
     real = key_padding_mask.sum(dim=-1)  # (B,)
-    order = torch.argsort((~key_padding_mask).to(torch.uint8), dim=-1, stable=True)
-    kept = torch.where(torch.arange(seq_len, device=query.device) < real[:, None], order, seq_len)
-    kept_idx = kept[:, None, :].expand(batch, num_heads, seq_len).contiguous()
-    q_c, k_c, v_c = gather_kept_ref(query, key, value, kept_idx)
+    q_f, k_f, v_f = left_to_front(query, key, value, seq_lens=real)
     lens = real[:, None].expand(batch, num_heads).contiguous()
-    out_c, pattern = flexprefill_attention(
-        q_c, k_c, v_c, seq_lens=lens, backend=backend, return_pattern=True, **params
+    out_f, pattern = flexprefill_attention(
+        q_f, k_f, v_f, seq_lens=lens, backend=backend, layout=layout, return_pattern=True, **params
     )
-    out = scatter_kept_ref(out_c, kept_idx, seq_len, layout)
+    out = front_to_left(out_f, real, seq_len, dim=2 if layout == "bhld" else 1)
     return (out, pattern) if return_pattern else out
 
 

@@ -34,7 +34,7 @@ from ..attention import token_sparse_attention
 from ..config import TokenSparseConfig
 from ..eval.methods import spec_for
 from ..flexprefill import FlexPrefillConfig, estimate_pattern, flexprefill_attention
-from ..kernels import block_sparse, ops_for, sdpa
+from ..kernels import ops_for, sdpa
 from ..selection import fixed_budget, select_tokens, smooth_scores, token_budget
 from .timing import machine_info, peak_memory, time_fn
 
@@ -294,8 +294,8 @@ def _bench_flexprefill(cfg: AttentionBenchConfig, q, k, v, device, dense: dict[s
     share = float(pattern.visited_share.mean())
 
     def kernel():
-        return block_sparse.block_sparse_attention(
-            q, k, v, pattern.block_idx, pattern.block_cnt, fp.block_size, seq_lens=pattern.seq_lens, backend=fp.backend
+        return ops_for(q, fp.backend).block_sparse_attention(
+            q, k, v, pattern.block_idx, pattern.block_cnt, fp.block_size, seq_lens=pattern.seq_lens
         )
 
     def run_all():
@@ -307,7 +307,7 @@ def _bench_flexprefill(cfg: AttentionBenchConfig, q, k, v, device, dense: dict[s
         "spec": spec_for("flexprefill", fp).label,
         "visited_share": share,
         "query_aware_share": float(pattern.query_aware.float().mean()),
-        "kernel_backend": "triton" if block_sparse.use_triton(q, fp.backend) else "torch",
+        "kernel_backend": ops_for(q, fp.backend).name,
         "stages_ms": {
             "estimate": time_fn(lambda: estimate_pattern(q, k, **params), device, **timing).median_ms,
             "kernel": time_fn(kernel, device, **timing).median_ms,
