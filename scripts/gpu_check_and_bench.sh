@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Kernel tests at large shapes, then the attention and prefill benchmarks, on one GPU.
-# Run from the repository root; writes under $OUT (default results/bench/run):
+# Run from the repository root; writes under $OUT (default runs/bench/run, ignored by git):
 #   run.log, attention.json/.png, prefill.json/.png.  Prints the table last.
 # Device command used for the committed results:
 #   bash scripts/gpu_check_and_bench.sh
@@ -8,7 +8,7 @@
 # ATTN_BUDGET_MS, PREFILL_LENGTHS, SKIP_PREFILL=1, *_TIMEOUT (seconds).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-results/bench/run}
+OUT=${OUT:-runs/bench/run}
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
 PY=${PYTHON:-python3}

@@ -33,7 +33,7 @@ from tokensparse import TokenSparseConfig, token_sparse_attention
 from tokensparse.bench.structure import StructureParams, attention_stats, synthetic_qkv
 from tokensparse.bench.timing import time_fn
 from tokensparse.flexprefill import estimate_pattern, flexprefill_attention
-from tokensparse.kernels import block_sparse as bs
+from tokensparse.kernels import block_sparse as bs, ops_for, triton_runnable
 from tokensparse.kernels.reference import gather_kept_ref
 
 TILE_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
@@ -121,8 +121,16 @@ def env_info(device: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
-    info["kernel"] = "triton" if bs.use_triton(torch.empty(0, device=device), "auto") else "torch reference"
+    info["kernel"] = "triton" if ops_for(torch.empty(0, device=device), "auto").name == "triton" else "torch reference"
     return info
+
+
+def block_sparse(q, *args, tiles=None, **kwargs):
+    """The Triton kernel where it runs (as ``block_sparse.use_triton(q, "auto")`` chose
+    before it was removed), the reference elsewhere (the --small CPU check)."""
+    if triton_runnable(q):
+        return bs.block_sparse_attention(q, *args, tiles=tiles, **kwargs)
+    return bs.block_sparse_attention_ref(q, *args, **kwargs)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -141,7 +149,7 @@ def run_checks(run: Run) -> None:
         kv_sub = run.kv_heads if length <= 32768 else 1
         heads = kv_sub * (run.heads // run.kv_heads)
         out = torch.full_like(q, float("nan"))
-        bs.block_sparse_attention(q, k, v, pattern.block_idx, pattern.block_cnt, block, out=out)
+        block_sparse(q, k, v, pattern.block_idx, pattern.block_cnt, block, out=out)
         run.sync()
         unwritten = int(out.isnan().sum())
         ref = bs.block_sparse_attention_ref(
@@ -178,7 +186,7 @@ def run_checks(run: Run) -> None:
     v = v.masked_fill(junk, 1e4)
     pattern = estimate_pattern(q, k, seq_lens=lens, **run.fp)
     out = torch.full_like(q, float("nan"))
-    bs.block_sparse_attention(q, k, v, pattern.block_idx, pattern.block_cnt, block, seq_lens=lens, out=out)
+    block_sparse(q, k, v, pattern.block_idx, pattern.block_cnt, block, seq_lens=lens, out=out)
     run.sync()
     unwritten = int(out.isnan().sum())
     ref = bs.block_sparse_attention_ref(q, k, v, pattern.block_idx, pattern.block_cnt, block, seq_lens=lens)
@@ -196,7 +204,7 @@ def run_checks(run: Run) -> None:
 # ---------------------------------------------------------------- tile sweep
 def run_tile_sweep(run: Run) -> None:
     """Kernel time per tile config on one FlexPrefill pattern; the best is used afterwards."""
-    if not bs.use_triton(torch.empty(0, device=run.device), "auto"):
+    if not triton_runnable(torch.empty(0, device=run.device)):
         run.data["skipped"].append("tile sweep: the Triton kernel is not runnable here")
         return
     length = run.lengths[0]
@@ -214,7 +222,7 @@ def run_tile_sweep(run: Run) -> None:
             continue
         entry = {"tiles": list(tiles), "length": length, "share": float(pattern.visited_share.mean())}
         try:
-            t = run.timeit(lambda: bs.block_sparse_attention(
+            t = run.timeit(lambda: block_sparse(
                 q, k, v, pattern.block_idx, pattern.block_cnt, block, tiles=tiles))
             entry["ms"] = t["median_ms"]
             if best is None or t["median_ms"] < best[1]:
@@ -229,7 +237,7 @@ def run_tile_sweep(run: Run) -> None:
         # tiles; record them so the default in kernels/block_sparse.py can follow.
         bs._CUDA_TILES = tuple(run.best_tiles)
         # Efficiency at density 1: the kernel on the full causal pattern.
-        full = run.timeit(lambda: bs.block_sparse_attention(q, k, v, full_idx, full_cnt, block, tiles=run.best_tiles))
+        full = run.timeit(lambda: block_sparse(q, k, v, full_idx, full_cnt, block, tiles=run.best_tiles))
         run.data["best_tiles"] = list(run.best_tiles)
         run.data["kernel_full_pattern_ms"] = {"length": length, **full}
         run.log(f"best tiles {run.best_tiles}; full causal pattern {full['median_ms']:.2f} ms at L={length}")
@@ -295,7 +303,7 @@ def run_bench(run: Run) -> None:
             "window_rel_err": rel_err(fp_out[:, :, win], ref_out[:, :, win]),
         }
         methods["flexprefill_estimate"] = run.timeit(lambda: estimate_pattern(q, k, **run.fp))
-        methods["flexprefill_kernel"] = run.timeit(lambda: bs.block_sparse_attention(
+        methods["flexprefill_kernel"] = run.timeit(lambda: block_sparse(
             q, k, v, pattern.block_idx, pattern.block_cnt, block, tiles=tiles))
         del fp_out
 

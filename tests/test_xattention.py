@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import tokensparse.methods.xattention as xa
-from tokensparse.kernels.block_sparse import use_triton
+from tokensparse.kernels import triton_runnable
 from tokensparse.methods.xattention import (
     XAttentionConfig,
     antidiagonal_block_scores,
@@ -18,7 +18,7 @@ from tokensparse.methods.xattention import (
     xattention_attention,
 )
 
-TRITON = use_triton(torch.empty(0), "auto")
+TRITON = triton_runnable(torch.empty(0))
 needs_triton = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 (or CUDA)")
 
 

@@ -100,7 +100,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--reps", type=int, default=3, help="least timed runs per measurement (median)")
     a.add_argument("--budget-ms", type=float, default=1000.0, help="timed run time per measurement")
     a.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    a.add_argument("--out", default="results/bench/attention.json", help="JSON output")
+    a.add_argument("--out", default="runs/bench/attention.json", help="JSON output (default: runs/bench/attention.json)")
     a.add_argument("--plot", default=None, help="plot file (default: next to --out, .png)")
     a.set_defaults(run=_run_bench_attention)
 
@@ -118,7 +118,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--warmup", type=int, default=1)
     f.add_argument("--reps", type=int, default=2)
     f.add_argument("--device", default=None)
-    f.add_argument("--out", default="results/bench/prefill.json")
+    f.add_argument("--out", default="runs/bench/prefill.json", help="JSON output (default: runs/bench/prefill.json)")
     f.add_argument("--plot", default=None)
     f.set_defaults(run=_run_bench_prefill)
 
@@ -237,7 +237,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="UTF-8 text file to calibrate on (default: a built-in English text)")
     p.add_argument("--out", default=None, metavar="PATH",
-                   help="profile JSON to write (default: results/profile/NAME.json); the plot goes beside it as .png")
+                   help="profile JSON to write (default: runs/profile/NAME.json); the plot goes beside it as .png")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(run=_run_profile)
 
@@ -275,7 +275,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     print(f"running {length} calibration tokens densely on {loaded.device} ...", flush=True)
     profile = profile_model(loaded.model, input_ids, delta=args.delta, calibration=source)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.model.rstrip("/")).name).removesuffix(".gguf") or "model"
-    out = Path(args.out) if args.out else Path("results") / "profile" / f"{slug}.json"
+    out = Path(args.out) if args.out else Path("runs") / "profile" / f"{slug}.json"
     profile.save(out)
     # The plot is made from the file, as every result plot is.
     plot = plot_profile(LayerProfile.load(out), out.with_suffix(".png"))
@@ -294,7 +294,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--methods", default="dense,token_sparse",
                        help="comma-separated method specs, e.g. 'dense,token_sparse:coverage=0.02,"
                             "token_sparse:keep_ratio=0.5' (default: dense,token_sparse)")
-        q.add_argument("--out", default="results", help="results folder (default: results); reruns skip finished samples")
+        q.add_argument("--out", default="runs/eval", help="results folder (default: runs/eval); reruns skip finished samples")
         q.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (default 1)")
         q.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
         q.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"), help="weight dtype")
@@ -339,7 +339,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser("report", help="markdown table and plots from result files")
     r.add_argument("results", nargs="+", help="results folders (or .jsonl files)")
-    r.add_argument("--out", default=None, help="where to write report.md and plots (default: the first folder)")
+    r.add_argument("--out", default="runs/report", help="where to write report.md and plots (default: runs/report)")
     r.add_argument("--no-plots", action="store_true", help="only the markdown and summary.json")
     r.add_argument("--attention-times", nargs="+", default=None,
                    help="`bench attention` JSON files: adds accuracy vs attention time (table and plot)")

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import block_sparse
+from .kernels import TORCH_OPS, block_sparse, ops_for
+from .padding import front_to_left, left_to_front
 
 
 def sink_local_pattern(num_blocks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,41 +56,31 @@ def sink_local_attention(
         scale: softmax scale, default 1 / sqrt(D).
         seq_lens: optional (B,) real tokens per sequence, padding on the left
             (as transformers pads); padded rows are zero and padded keys unseen.
-        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, PyTorch
-            otherwise), "triton" or "torch".
+        backend: "auto", "triton" or "torch", chosen by
+            :func:`tokensparse.kernels.ops_for` ("auto": the Triton kernel on
+            CUDA, the banded PyTorch version elsewhere).
 
     Returns:
         (B, H, L, Dv) in the query's dtype.
     """
     if block_size < 16 or block_size % 16:
         raise ValueError(f"block_size must be a positive multiple of 16, got {block_size}")
-    if not block_sparse.use_triton(query, backend):
+    ops = ops_for(query, backend)
+    if ops is TORCH_OPS:
+        # The banded version, linear in L (the block-sparse reference is dense).
         return sink_local_attention_torch(query, key, value, block_size, scale=scale, seq_lens=seq_lens)
     batch, num_heads, seq_len, _ = query.shape
-    if seq_lens is not None and bool((seq_lens < seq_len).any()):
-        # The kernel's grid starts at row 0: move each sequence's real tokens to the
-        # front (padding at the end is what its per-head lengths handle), then back.
-        shift = (seq_len - seq_lens)[:, None, None, None]
-        pos = (torch.arange(seq_len, device=query.device)[None, None, :, None] + shift) % seq_len
-
-        def front(t: torch.Tensor) -> torch.Tensor:
-            return t.gather(2, pos.expand(-1, t.shape[1], -1, t.shape[3]))
-
-        lens = seq_lens[:, None].expand(batch, num_heads).contiguous()
-        out_front = _sink_local_kernel(front(query), front(key), front(value), block_size, scale, lens, backend)
-        out = torch.empty_like(out_front)
-        return out.scatter_(2, pos.expand(-1, num_heads, -1, out.shape[3]), out_front)
-    return _sink_local_kernel(query, key, value, block_size, scale, None, backend)
-
-
-def _sink_local_kernel(query, key, value, block_size, scale, lens, backend) -> torch.Tensor:
-    batch, num_heads, seq_len, _ = query.shape
     block_idx, block_cnt = sink_local_pattern(block_sparse.num_blocks(seq_len, block_size), query.device)
-    return block_sparse.block_sparse_attention(
-        query, key, value,
-        block_idx.expand(batch, num_heads, -1, -1), block_cnt.expand(batch, num_heads, -1).contiguous(),
-        block_size, seq_lens=lens, scale=scale, backend=backend,
-    )
+    block_idx = block_idx.expand(batch, num_heads, -1, -1)
+    block_cnt = block_cnt.expand(batch, num_heads, -1).contiguous()
+    if seq_lens is None or not bool((seq_lens < seq_len).any()):
+        return ops.block_sparse_attention(query, key, value, block_idx, block_cnt, block_size, scale=scale)
+    # The kernel's grid starts at row 0: the real tokens go to the front (padding
+    # at the end is what its per-head lengths handle), and the rows come back.
+    lens = seq_lens[:, None].expand(batch, num_heads).contiguous()
+    q, k, v = left_to_front(query, key, value, seq_lens=seq_lens)
+    out = ops.block_sparse_attention(q, k, v, block_idx, block_cnt, block_size, seq_lens=lens, scale=scale)
+    return front_to_left(out, seq_lens, seq_len)
 
 
 def sink_local_attention_torch(
@@ -113,20 +104,14 @@ def sink_local_attention_torch(
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     device = query.device
     lens = torch.full((batch,), seq_len, device=device) if seq_lens is None else seq_lens.to(device)
-    pad = (seq_len - lens).long()  # left padding: real token t sits at position pad + t
     nb = block_sparse.num_blocks(seq_len, block_size)
     # Work on the real tokens moved to the front and padded at the end to nb blocks.
     total = nb * block_size
     pos = torch.arange(total, device=device)
-    src = (pos[None, :] + pad[:, None]).clamp(max=seq_len - 1)  # (B, total)
-    real = pos[None, :] < lens[:, None]  # (B, total)
-
-    def take(t: torch.Tensor) -> torch.Tensor:
-        return t.to(acc).gather(2, src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
-
-    q = take(query).view(batch, num_kv_heads, group, nb, block_size, head_dim)
-    k = take(key).view(batch, num_kv_heads, nb, block_size, head_dim)
-    v = take(value).view(batch, num_kv_heads, nb, block_size, dim_v)
+    q, k, v = left_to_front(query.to(acc), key.to(acc), value.to(acc), seq_lens=lens, length=total)
+    q = q.view(batch, num_kv_heads, group, nb, block_size, head_dim)
+    k = k.view(batch, num_kv_heads, nb, block_size, head_dim)
+    v = v.view(batch, num_kv_heads, nb, block_size, dim_v)
     blocks = torch.arange(nb, device=device)
     prev = (blocks - 1).clamp(min=0)
     # Key slots per query block: [sink block, previous block, own block]; a slot that
@@ -143,12 +128,9 @@ def sink_local_attention_torch(
     logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     out = torch.einsum("bkgnqs,bknsd->bkgnqd", probs, v3).reshape(batch, num_heads, total, dim_v)
-    out = out.masked_fill(~real[:, None, :, None], 0.0)
-    # Back to the caller's positions: real token t goes to pad + t.
-    dest = (pos[None, :] + pad[:, None]).clamp(max=seq_len)  # (B, total); past the end -> spare column
-    result = torch.zeros(batch, num_heads, seq_len + 1, dim_v, dtype=query.dtype, device=device)
-    result.scatter_(2, dest[:, None, :, None].expand(-1, num_heads, -1, dim_v), out.to(query.dtype))
-    return result[:, :, :seq_len]
+    # Back to the caller's positions; rows past a sequence's length (NaN for an
+    # empty one, whose keys are all masked) are dropped there.
+    return front_to_left(out.to(query.dtype), lens, seq_len)
 
 
 __all__ = ["sink_local_attention", "sink_local_attention_torch", "sink_local_pattern"]

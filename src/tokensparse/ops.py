@@ -1,7 +1,7 @@
 """Ground-floor helpers every attention method shares: input checks and dense causal attention.
 
 Layout is SDPA's: query (B, H, L, D), key/value (B, Hkv, L, D), H a multiple of
-Hkv. Only the kernels package sits below this module, so any method may use it.
+Hkv. It imports only torch and :mod:`tokensparse.padding`, so any method may use it.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels.reference import gather_kept_ref, scatter_kept_ref
+from .padding import front_to_left, left_to_front
 
 
 def dense_causal_attention(
@@ -87,23 +87,20 @@ def check_inputs(
 
 # ---------------------------------------------------------------- left padding
 def run_left_padded(attention, query, key, value, key_padding_mask, *, layout, return_pattern, **params):
-    """Left-padded batches for a block-sparse op with ``seq_lens`` (as FlexPrefill's):
-    gather each sequence's real tokens to the front (padding at the end, where
+    """Left-padded batches for a block-sparse op that takes ``seq_lens`` (FlexPrefill, XAttention):
+    move each sequence's real tokens to the front (padding at the end, where
     ``seq_lens`` handles it exactly), run ``attention``, and put rows back.
 
-    ``attention(q, k, v, seq_lens=..., return_pattern=True, **params)`` must return
-    (B, H, L, Dv) and its pattern; the pattern returned here is the one of the
-    front-gathered sequences.
+    ``attention(q, k, v, seq_lens=..., layout=..., return_pattern=True, **params)``
+    must return its output and pattern; the pattern returned here is the one of
+    the front-moved sequences. GQA is kept (K/V are moved, not repeated).
     """
     batch, num_heads, seq_len, _ = query.shape
     real = key_padding_mask.sum(dim=-1)  # (B,)
-    order = torch.argsort((~key_padding_mask).to(torch.uint8), dim=-1, stable=True)
-    kept = torch.where(torch.arange(seq_len, device=query.device) < real[:, None], order, seq_len)
-    kept_idx = kept[:, None, :].expand(batch, num_heads, seq_len).contiguous()
-    q_c, k_c, v_c = gather_kept_ref(query, key, value, kept_idx)
+    q_f, k_f, v_f = left_to_front(query, key, value, seq_lens=real)
     lens = real[:, None].expand(batch, num_heads).contiguous()
-    out_c, pattern = attention(q_c, k_c, v_c, seq_lens=lens, return_pattern=True, **params)
-    out = scatter_kept_ref(out_c, kept_idx, seq_len, layout)
+    out_f, pattern = attention(q_f, k_f, v_f, seq_lens=lens, layout=layout, return_pattern=True, **params)
+    out = front_to_left(out_f, real, seq_len, dim=2 if layout == "bhld" else 1)
     return (out, pattern) if return_pattern else out
 
 

@@ -19,7 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import TokenSparseConfig
-from .kernels import ops_for
+from .kernels import ops_for, reference
+
+# The PyTorch reference of the per-head top-k lives beside the other kernel
+# references; this name stays for callers that import it from here.
+top_k_per_head = reference.top_k_per_head_ref
 
 
 @dataclass(frozen=True)
@@ -124,51 +128,6 @@ def token_budget(
     return torch.where((lens <= config.min_tokens)[:, None], lens[:, None], keep)
 
 
-def top_k_per_head(
-    scores: torch.Tensor,
-    keep: torch.Tensor,
-    seq_lens: torch.Tensor,
-    window: int,
-    *,
-    max_keep: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each head's top-``keep`` prefix positions by its own score, plus the window.
-
-    Ties go to the lower position (a stable descending sort), so the result is
-    deterministic.
-
-    Args:
-        scores: (B, H, P) smoothed prefix scores, P = L - window.
-        keep: (B, H) int64 prefix tokens to keep per head.
-        seq_lens: (B,) int64 real tokens per sequence (left padding).
-        window: W.
-        max_keep: ``int(keep.max())`` when the caller knows it on the host;
-            otherwise it is read from the device (one host sync).
-
-    Returns:
-        kept_idx: (B, H, max(keep) + W) int64 ascending positions, padded with L.
-        num_kept: (B, H) int64 valid entries of each row.
-    """
-    batch, num_heads, prefix = scores.shape
-    seq_len = prefix + window
-    pad = seq_len - seq_lens  # left padding of each sequence
-    positions = torch.arange(prefix, device=scores.device)
-    is_pad = positions[None, :] < pad[:, None]  # (B, P)
-    ranked = scores.masked_fill(is_pad[:, None, :], float("-inf"))
-    if max_keep is None:
-        max_keep = int(keep.max())  # sizes the compact tensors: one host sync per call
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :max_keep]
-    rank = torch.arange(max_keep, device=scores.device)
-    prefix_idx = torch.where(rank[None, None, :] < keep[..., None], order, seq_len)
-
-    window_pos = torch.arange(prefix, seq_len, device=scores.device)
-    window_idx = torch.where(window_pos[None, :] < pad[:, None], seq_len, window_pos[None, :])  # (B, W)
-    kept_idx = torch.cat([prefix_idx, window_idx[:, None, :].expand(batch, num_heads, window)], dim=-1)
-    kept_idx = torch.sort(kept_idx, dim=-1).values
-    num_kept = keep + seq_lens.clamp(max=window)[:, None]
-    return kept_idx, num_kept
-
-
 def select_tokens(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -227,8 +186,7 @@ def select_tokens(
     if all_dense:
         return _dense_selection(seq_lens, num_heads, seq_len)
 
-    top_k = ops.top_k or top_k_per_head
-    kept_idx, num_kept = top_k(scores, keep, seq_lens, window, max_keep=max_keep)
+    kept_idx, num_kept = ops.top_k(scores, keep, seq_lens, window, max_keep=max_keep)
     if fixed:
         # Every head keeps max_keep prefix tokens, which sort before the window.
         kept_prefix = torch.gather(prefix_mass, 2, kept_idx[..., :max_keep])

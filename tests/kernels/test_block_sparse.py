@@ -8,18 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tokensparse.kernels import TORCH_OPS, ops_for, triton_runnable
 from tokensparse.kernels.block_sparse import (
     block_mask_from_lists,
     block_sparse_attention,
     block_sparse_attention_ref,
     lists_from_block_mask,
     num_blocks,
-    use_triton,
     visited_share,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNEL = use_triton(torch.empty(0, device=DEVICE), "auto")
+KERNEL = triton_runnable(torch.empty(0, device=DEVICE))
 needs_kernel = pytest.mark.skipif(not KERNEL, reason="needs CUDA or TRITON_INTERPRET=1")
 
 
@@ -47,7 +47,7 @@ def check(q, k, v, idx, cnt, block, *, seq_lens=None, out=None, tiles=None):
     reference itself run at the inputs' precision."""
     if out is not None:
         out.fill_(float("nan"))  # poison: every element must be written
-    got = block_sparse_attention(q, k, v, idx, cnt, block, seq_lens=seq_lens, out=out, backend="triton", tiles=tiles)
+    got = block_sparse_attention(q, k, v, idx, cnt, block, seq_lens=seq_lens, out=out, tiles=tiles)
     if out is not None:
         assert got.data_ptr() == out.data_ptr()
     assert not got.isnan().any(), "unwritten or NaN output"
@@ -122,7 +122,7 @@ def test_full_pattern_is_causal_sdpa():
     q, k, v = make_qkv(1, 4, 2, 181, 32, 32, torch.float32)
     nb = num_blocks(181, 32)
     idx, cnt = lists_from_block_mask(torch.ones(1, 4, nb, nb, dtype=torch.bool, device=DEVICE))
-    got = block_sparse_attention(q, k, v, idx, cnt, 32, backend="triton")
+    got = block_sparse_attention(q, k, v, idx, cnt, 32)
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True)
     assert rel_err(got, ref) < (1e-3 if DEVICE == "cuda" else 1e-5)
 
@@ -161,18 +161,18 @@ def test_pattern_formats_round_trip():
 
 def test_dispatch(monkeypatch):
     cpu = torch.empty(0)
-    assert not use_triton(cpu, "torch")
+    assert ops_for(cpu, "torch").block_sparse_attention is block_sparse_attention_ref
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not use_triton(cpu, "auto")
+    assert ops_for(cpu, "auto") is TORCH_OPS
     with pytest.raises(ValueError, match="backend='triton'"):
-        use_triton(cpu, "triton")
+        ops_for(cpu, "triton")
     with pytest.raises(ValueError, match="backend"):
-        use_triton(cpu, "fast")
+        ops_for(cpu, "fast")
     # The CPU fallback is the reference.
     q, k, v = make_qkv(1, 2, 1, 40, 16, 16, torch.float32)
     q, k, v = q.cpu(), k.cpu(), v.cpu()
     idx, cnt = lists_from_block_mask(torch.ones(1, 2, 3, 3, dtype=torch.bool))
-    got = block_sparse_attention(q, k, v, idx, cnt, 16)
+    got = ops_for(q, "auto").block_sparse_attention(q, k, v, idx, cnt, 16)
     torch.testing.assert_close(got, block_sparse_attention_ref(q, k, v, idx, cnt, 16))
 
 
@@ -186,4 +186,4 @@ def test_launcher_validates():
     if KERNEL:
         idx, cnt = lists_from_block_mask(torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEVICE))
         with pytest.raises(ValueError, match="BLOCK_M"):
-            block_sparse_attention(q, k, v, idx, cnt, 32, backend="triton", tiles=(24, 16, 4, 1))
+            block_sparse_attention(q, k, v, idx, cnt, 32, tiles=(24, 16, 4, 1))

@@ -38,11 +38,22 @@ def test_without_triton_auto_falls_back_and_triton_raises(monkeypatch):
         kernels._triton_ops.cache_clear()
 
 
-@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@requires_kernels
 def test_triton_backend_has_every_stage():
-    ops = ops_for(torch.randn(1), "triton")
+    ops = ops_for(torch.randn(1, device=DEVICE), "triton")
     assert ops.name == "triton"
     assert ops.top_k is not None and ops.attend_kept is not None
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
+    # Without the check Triton fails deep in its launcher with "0 active drivers".
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 on the CPU"):
+        ops_for(torch.randn(1), "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops_for(torch.randn(1), "triton").name == "triton"
+    assert ops_for(torch.randn(1), "auto") is TORCH_OPS  # "auto" never picks the interpreter
 
 
 @pytest.mark.skipif(not (ON_GPU and triton_available()), reason="needs a GPU and triton")

@@ -34,7 +34,7 @@ import torch
 
 from ..attention import token_sparse_attention
 from ..config import TokenSparseConfig
-from ..kernels import block_sparse, ops_for, sdpa
+from ..kernels import ops_for, sdpa
 from ..methods import MethodSpec, parse_methods, spec_for
 from ..selection import fixed_budget, select_tokens, smooth_scores, token_budget
 from .timing import machine_info, peak_memory, time_fn
@@ -322,9 +322,8 @@ def _bench_method(cfg: AttentionBenchConfig, spec: MethodSpec, q, k, v, device, 
         entry["kernel_backend"] = ops_for(q, getattr(spec.config, "backend", "auto")).name
 
         def kernel():
-            return block_sparse.block_sparse_attention(
-                q, k, v, stats.block_idx, stats.block_cnt, stats.block_size, seq_lens=stats.seq_lens,
-                backend=getattr(spec.config, "backend", "auto"),
+            return ops_for(q, getattr(spec.config, "backend", "auto")).block_sparse_attention(
+                q, k, v, stats.block_idx, stats.block_cnt, stats.block_size, seq_lens=stats.seq_lens
             )
 
         entry["stages_ms"]["kernel"] = time_fn(kernel, device, **timing).median_ms

@@ -274,7 +274,7 @@ if __name__ == "__main__":
     from pathlib import Path
 
     parser = argparse.ArgumentParser(description="attention structure: embedded model vs synthetic inputs")
-    parser.add_argument("--out", default="results/flexprefill/structure.json")
+    parser.add_argument("--out", default="runs/flexprefill/structure.json")
     parser.add_argument("--length", type=int, default=3072)
     args = parser.parse_args()
     result = compare_with_model(length=args.length)

@@ -1,10 +1,20 @@
-"""Kernels for the stages of Token Sparse Attention, and their dispatch.
+"""Kernels for the stages of Token Sparse Attention and block-sparse attention, and their dispatch.
 
-Each stage has a PyTorch reference in :mod:`tokensparse.kernels.reference`
-(top-k: :func:`tokensparse.selection.top_k_per_head`); Triton kernels with the
-same signatures run on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``
-when forced with ``backend="triton"``. Triton is imported only when a Triton
-backend is asked for, so the package works without it.
+Each kernel has a PyTorch reference with the same signature
+(:mod:`tokensparse.kernels.reference`; block-sparse attention's in
+:mod:`tokensparse.kernels.block_sparse`). :func:`ops_for` is the one place that
+chooses between them, for every kernel:
+
+* ``"torch"``: the references.
+* ``"auto"``: the Triton kernels for CUDA tensors when Triton imports; the
+  references for every other tensor, the CPU included even under
+  ``TRITON_INTERPRET=1`` (the interpreter is for testing kernels, and slower
+  than the references by orders of magnitude).
+* ``"triton"``: the Triton kernels, on CUDA tensors or on the CPU under
+  ``TRITON_INTERPRET=1``; anything else raises ``ValueError``.
+
+Triton is imported only when a Triton backend is asked for, so the package
+works without it. Nothing here imports a module above ``tokensparse.kernels``.
 """
 
 from __future__ import annotations
@@ -17,17 +27,22 @@ from typing import Callable
 import torch
 
 from . import reference
+from ._launch import interpreting
+from .block_sparse import block_sparse_attention_ref
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StageOps:
-    """The stage functions one backend provides (signatures as in ``reference``).
+    """The kernel functions one backend provides.
 
-    ``top_k`` (signature of :func:`tokensparse.selection.top_k_per_head`) and
-    ``attend_kept`` (compress + attend + decompress, see
-    :func:`tokensparse.kernels.pipeline.attend_kept`) are optional: ``None``
+    Signatures are the references': ``reference.window_mass_ref``,
+    ``gather_kept_ref``, ``scatter_kept_ref``, ``top_k_per_head_ref`` and
+    ``block_sparse.block_sparse_attention_ref`` (keywords ``seq_lens``,
+    ``scale``, ``out`` in common with the Triton launcher). ``attend_kept``
+    (compress + attend + decompress, see
+    :func:`tokensparse.kernels.pipeline.attend_kept`) is optional: ``None``
     means the caller's PyTorch path.
     """
 
@@ -35,7 +50,8 @@ class StageOps:
     window_mass: Callable[..., torch.Tensor]
     gather_kept: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     scatter_kept: Callable[..., torch.Tensor]
-    top_k: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    top_k: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    block_sparse_attention: Callable[..., torch.Tensor]
     attend_kept: Callable[..., torch.Tensor] | None = None
 
 
@@ -44,6 +60,8 @@ TORCH_OPS = StageOps(
     window_mass=reference.window_mass_ref,
     gather_kept=reference.gather_kept_ref,
     scatter_kept=reference.scatter_kept_ref,
+    top_k=reference.top_k_per_head_ref,
+    block_sparse_attention=block_sparse_attention_ref,
 )
 
 
@@ -53,6 +71,7 @@ def _triton_ops() -> StageOps | None:
         import triton  # noqa: F401
     except ImportError:
         return None
+    from .block_sparse import block_sparse_attention
     from .gather import gather_kept
     from .pipeline import attend_kept
     from .scatter import scatter_kept
@@ -65,6 +84,7 @@ def _triton_ops() -> StageOps | None:
         gather_kept=_with_fallback(gather_kept, reference.gather_kept_ref),
         scatter_kept=_with_fallback(scatter_kept, reference.scatter_kept_ref),
         top_k=top_k_per_head,
+        block_sparse_attention=block_sparse_attention,
         attend_kept=attend_kept,
     )
 
@@ -86,12 +106,20 @@ def triton_available() -> bool:
     return _triton_ops() is not None
 
 
-def ops_for(tensor: torch.Tensor, backend: str) -> StageOps:
-    """Stage functions for ``backend`` ("auto", "torch" or "triton") on ``tensor``'s device.
+def triton_runnable(tensor: torch.Tensor) -> bool:
+    """True when ``backend="triton"`` can run on ``tensor``: Triton imports, and the
+    tensor is on CUDA or ``TRITON_INTERPRET=1`` runs the kernels on the CPU."""
+    return triton_available() and (tensor.is_cuda or interpreting())
 
-    "auto" gives the Triton kernels for CUDA tensors when Triton imports, the
-    PyTorch references otherwise; "triton" always gives the kernels (on the CPU
-    they need ``TRITON_INTERPRET=1``) and raises if Triton is missing.
+
+def ops_for(tensor: torch.Tensor, backend: str) -> StageOps:
+    """Kernel functions for ``backend`` ("auto", "torch" or "triton") on ``tensor``'s device.
+
+    The rule (the same for every kernel, see the module docstring): "auto" gives
+    the Triton kernels for CUDA tensors when Triton imports and the PyTorch
+    references otherwise; "triton" gives the kernels and raises ``ValueError``
+    when Triton is missing or the tensor is neither on CUDA nor on the CPU under
+    ``TRITON_INTERPRET=1``; "torch" gives the references.
     """
     if backend == "torch":
         return TORCH_OPS
@@ -99,9 +127,15 @@ def ops_for(tensor: torch.Tensor, backend: str) -> StageOps:
         ops = _triton_ops()
         if ops is None:
             raise ValueError("backend='triton' needs the triton package (pip install 'tokensparse[triton]')")
+        if not (tensor.is_cuda or interpreting()):
+            # Without this check Triton fails deep inside its launcher with "0 active drivers".
+            raise ValueError(
+                "backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 on the CPU; "
+                f"got a {tensor.device.type} tensor (use backend='auto' or 'torch' there)"
+            )
         return ops
     if backend == "auto":
-        if tensor.device.type == "cuda":
+        if tensor.is_cuda:
             ops = _triton_ops()
             if ops is not None:
                 return ops

@@ -25,44 +25,19 @@ the causal and length masks.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import os
 
 import torch
 
-from ._launch import dot_precision
+from ._launch import dot_precision, interpreting
 
 # Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages). The CUDA default is the
-# fastest of scripts/gpu_flexprefill.py's sweep on the H200 (results/flexprefill/h200);
-# GPUs with less shared memory fall back to the smaller tiles.
+# fastest of the tile sweep on the H200 (results/flexprefill/h200;
+# tokensparse.bench.tiles.sweep_block_sparse_tiles reruns it); GPUs with less
+# shared memory fall back to the smaller tiles.
 _CUDA_TILES = (128, 128, 8, 3)
 _CUDA_FALLBACK_TILES = (128, 64, 8, 3)
 _INTERPRETER_TILES = (64, 128, 4, 1)
-
-
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def use_triton(tensor: torch.Tensor, backend: str) -> bool:
-    """Whether ``backend`` ("auto", "triton", "torch") runs the Triton kernel on ``tensor``."""
-    if backend == "torch":
-        return False
-    runnable = triton_available() and (tensor.is_cuda or interpreter_on())
-    if backend == "triton":
-        if not runnable:
-            raise ValueError(
-                "backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)"
-            )
-        return True
-    if backend == "auto":
-        return runnable
-    raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
 
 
 # ---------------------------------------------------------------- pattern formats
@@ -113,15 +88,18 @@ def block_sparse_attention_ref(
     *,
     seq_lens: torch.Tensor | None = None,
     scale: float | None = None,
+    out: torch.Tensor | None = None,
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Dense attention with the block pattern expanded to a token mask.
 
-    Same layouts and meaning as :func:`block_sparse_attention`; computes in
-    float32 (float64 for float64 inputs), ``chunk`` query rows at a time per KV
-    head group, so memory stays bounded at long lengths. Returns (B, H, L, Dv) in
-    the query's dtype, zero in rows at or past ``seq_lens``.
+    Same layouts, meaning and checks as :func:`block_sparse_attention` (whose
+    place it takes in ``kernels.TORCH_OPS``); computes in float32 (float64 for
+    float64 inputs), ``chunk`` query rows at a time per KV head group, so memory
+    stays bounded at long lengths. Returns (B, H, L, Dv) in the query's dtype
+    (``out`` if given), zero in rows at or past ``seq_lens``.
     """
+    check_pattern(query, block_idx, block_cnt, block_size)
     batch, num_heads, seq_len, head_dim = query.shape
     num_kv_heads = key.shape[1]
     group = num_heads // num_kv_heads
@@ -134,7 +112,7 @@ def block_sparse_attention_ref(
     bmask = block_mask_from_lists(block_idx, block_cnt, nkb)  # (B, H, NQB, NKB)
     k_pos = torch.arange(seq_len, device=device)
     k_blk = k_pos // block_size
-    out = torch.zeros(batch, num_heads, seq_len, value.shape[-1], dtype=query.dtype, device=device)
+    result = torch.zeros(batch, num_heads, seq_len, value.shape[-1], dtype=query.dtype, device=device)
     for b in range(batch):
         for kvh in range(num_kv_heads):
             heads = slice(kvh * group, (kvh + 1) * group)
@@ -151,8 +129,23 @@ def block_sparse_attention_ref(
                 logits = logits.masked_fill(~allowed, float("-inf"))
                 probs = torch.softmax(logits.masked_fill(~valid_row[..., None], 0.0), dim=-1)
                 rows = torch.matmul(probs, v).masked_fill(~valid_row[..., None], 0.0)
-                out[b, heads, start : start + q_pos.numel()] = rows.to(query.dtype)
-    return out
+                result[b, heads, start : start + q_pos.numel()] = rows.to(query.dtype)
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
+def check_pattern(query: torch.Tensor, block_idx: torch.Tensor, block_cnt: torch.Tensor, block_size: int) -> None:
+    """Raise ``ValueError`` if the pattern does not fit the query (shapes as in the module docstring)."""
+    batch, num_heads, seq_len, _ = query.shape
+    if block_size < 16 or block_size % 16:
+        raise ValueError(f"block_size must be a multiple of 16, got {block_size}")
+    nqb = num_blocks(seq_len, block_size)
+    if block_idx.shape[:3] != (batch, num_heads, nqb) or block_cnt.shape != (batch, num_heads, nqb):
+        raise ValueError(
+            f"block_idx/block_cnt must be (B, H, NQB[, C]) = ({batch}, {num_heads}, {nqb}), "
+            f"got {tuple(block_idx.shape)} and {tuple(block_cnt.shape)}"
+        )
 
 
 # ---------------------------------------------------------------- launcher
@@ -167,10 +160,13 @@ def block_sparse_attention(
     seq_lens: torch.Tensor | None = None,
     scale: float | None = None,
     out: torch.Tensor | None = None,
-    backend: str = "auto",
     tiles: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Causal attention over the listed key blocks of every query block.
+    """Causal attention over the listed key blocks of every query block (the Triton kernel).
+
+    Always runs the kernel: on CUDA tensors, or on the CPU under
+    ``TRITON_INTERPRET=1``. ``kernels.ops_for(query, backend).block_sparse_attention``
+    chooses between it and :func:`block_sparse_attention_ref`.
 
     Args:
         query, key, value, block_idx, block_cnt, seq_lens: see the module docstring.
@@ -178,34 +174,23 @@ def block_sparse_attention(
         scale: softmax scale, default 1 / sqrt(D).
         out: optional (B, H, L, Dv) destination (any strides, e.g. the transpose
             of a (B, L, H, Dv) tensor); a new contiguous tensor otherwise.
-        backend: "auto" (Triton on CUDA, or on the CPU under TRITON_INTERPRET=1;
-            the PyTorch reference otherwise), "triton" or "torch".
-        tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) for the Triton kernel;
+        tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) for the kernel;
             BLOCK_M and BLOCK_N powers of two >= 16 dividing ``block_size``.
+            Default: the H200's best on CUDA (a smaller fallback where shared
+            memory runs out), small tiles under the interpreter.
 
     Returns:
         (B, H, L, Dv) in the query's dtype (``out`` if given).
     """
-    batch, num_heads, seq_len, head_dim = query.shape
-    if block_size < 16 or block_size % 16:
-        raise ValueError(f"block_size must be a multiple of 16, got {block_size}")
-    nqb = num_blocks(seq_len, block_size)
-    if block_idx.shape[:3] != (batch, num_heads, nqb) or block_cnt.shape != (batch, num_heads, nqb):
+    check_pattern(query, block_idx, block_cnt, block_size)
+    if not (query.is_cuda or interpreting()):
         raise ValueError(
-            f"block_idx/block_cnt must be (B, H, NQB[, C]) = ({batch}, {num_heads}, {nqb}), "
-            f"got {tuple(block_idx.shape)} and {tuple(block_cnt.shape)}"
+            "block_sparse_attention runs the Triton kernel: it needs a CUDA tensor, or TRITON_INTERPRET=1 on "
+            "the CPU (kernels.ops_for(query, backend).block_sparse_attention picks the reference elsewhere)"
         )
-    if not use_triton(query, backend):
-        ref = block_sparse_attention_ref(
-            query, key, value, block_idx, block_cnt, block_size, seq_lens=seq_lens, scale=scale
-        )
-        if out is None:
-            return ref
-        out.copy_(ref)
-        return out
+    import triton  # here, so that the checks above and the reference need no triton
 
-    import triton
-
+    batch, num_heads, seq_len, head_dim = query.shape
     scale = head_dim**-0.5 if scale is None else scale
     if seq_lens is None:
         lens = torch.full((batch, num_heads), seq_len, dtype=torch.int32, device=query.device)
@@ -272,5 +257,5 @@ __all__ = [
     "block_mask_from_lists",
     "visited_share",
     "num_blocks",
-    "use_triton",
+    "check_pattern",
 ]

@@ -9,7 +9,7 @@ sum: every score above the threshold, and of the scores equal to it the ones at
 the lowest positions. That is exactly the set a stable descending sort takes
 (ties to the lower index), already in causal order, followed by the window
 positions and the padding value L.
-Reference: :func:`tokensparse.selection.top_k_per_head`.
+Reference: :func:`tokensparse.kernels.reference.top_k_per_head_ref`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._launch import interpreting
+from .reference import top_k_per_head_ref
 
 # Wider digits mean fewer rounds, i.e. fewer full passes over the scores; 8 bits
 # keep the per-block histogram (256 bins) cheap in registers and shared memory.
@@ -188,7 +189,7 @@ def top_k_per_head(
     *,
     max_keep: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of :func:`tokensparse.selection.top_k_per_head` (same output).
+    """Triton version of :func:`tokensparse.kernels.reference.top_k_per_head_ref` (same output).
 
     Args:
         scores: (B, H, P) float32 smoothed prefix scores, P = L - window.
@@ -204,9 +205,7 @@ def top_k_per_head(
     """
     if scores.dtype != torch.float32:
         # The kernels rank float32 keys; other dtypes keep the reference's exact order.
-        from ..selection import top_k_per_head as reference_top_k
-
-        return reference_top_k(scores, keep, seq_lens, window, max_keep=max_keep)
+        return top_k_per_head_ref(scores, keep, seq_lens, window, max_keep=max_keep)
     batch, num_heads, prefix_len = scores.shape
     seq_len = prefix_len + window
     if max_keep is None:

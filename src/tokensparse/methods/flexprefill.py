@@ -48,15 +48,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels import ops_for
+from ..kernels.block_sparse import block_mask_from_lists, lists_from_block_mask, num_blocks, visited_share
 from ..ops import check_inputs, run_left_padded
 from .registry import Method, register_method
-from ..kernels.block_sparse import (
-    block_mask_from_lists,
-    block_sparse_attention,
-    lists_from_block_mask,
-    num_blocks,
-    visited_share,
-)
 
 DEFAULT_GAMMA = 0.95
 DEFAULT_TAU = 0.1
@@ -169,8 +164,8 @@ def flexprefill_attention(
         key_padding_mask: optional (B, L) bool, True for real tokens, padding on
             the left (as transformers pads); padded rows are zero. Not with
             ``seq_lens``.
-        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, PyTorch
-            otherwise), "triton" or "torch".
+        backend: "auto" (the Triton kernel on CUDA, the PyTorch reference
+            elsewhere), "triton" or "torch"; see :func:`tokensparse.kernels.ops_for`.
         layout: "bhld" returns (B, H, L, Dv); "blhd" returns (B, L, H, Dv).
         return_pattern: also return the :class:`BlockPattern`.
 
@@ -195,9 +190,9 @@ def flexprefill_attention(
     out = None
     if layout == "blhd":
         out = query.new_empty(batch, seq_len, num_heads, value.shape[-1]).transpose(1, 2)
-    out = block_sparse_attention(
+    out = ops_for(query, backend).block_sparse_attention(
         query, key, value, pattern.block_idx, pattern.block_cnt, block_size,
-        seq_lens=pattern.seq_lens, scale=scale, out=out, backend=backend,
+        seq_lens=pattern.seq_lens, scale=scale, out=out,
     )
     if layout == "blhd":
         out = out.transpose(1, 2)
@@ -415,7 +410,6 @@ def _js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return jsd.clamp(min=0.0).sqrt()
 
 
-# ---------------------------------------------------------------- left padding
 # ---------------------------------------------------------------- registry entry
 def _prefill(query, key, value, config: FlexPrefillConfig, *, scale=None, key_padding_mask=None, layout="bhld"):
     if key_padding_mask is not None and bool(key_padding_mask.all()):

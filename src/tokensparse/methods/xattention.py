@@ -46,11 +46,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import ops_for
 from ..ops import check_inputs, run_left_padded
 from .registry import Method, register_method
 from ..kernels.block_sparse import (
     block_mask_from_lists,
-    block_sparse_attention,
     lists_from_block_mask,
     num_blocks,
     visited_share,
@@ -192,9 +192,9 @@ def xattention_attention(
     out = None
     if layout == "blhd":
         out = query.new_empty(batch, seq_len, num_heads, value.shape[-1]).transpose(1, 2)
-    out = block_sparse_attention(
+    out = ops_for(query, backend).block_sparse_attention(
         query, key, value, pattern.block_idx, pattern.block_cnt, block_size,
-        seq_lens=pattern.seq_lens, scale=scale, out=out, backend=backend,
+        seq_lens=pattern.seq_lens, scale=scale, out=out,
     )
     if layout == "blhd":
         out = out.transpose(1, 2)
