@@ -292,7 +292,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--methods", default="dense,token_sparse",
                        help="comma-separated method specs, e.g. 'dense,token_sparse:coverage=0.02,"
                             "token_sparse:keep_ratio=0.5' (default: dense,token_sparse)")
-        q.add_argument("--out", default="results", help="results folder (default: results); reruns skip finished samples")
+        q.add_argument("--out", default="results",
+                       help="results folder (default: results); a rerun of the same settings skips finished samples, "
+                            "one of other settings is refused")
+        q.add_argument("--overwrite", action="store_true",
+                       help="delete the result files of these methods in --out first (instead of resuming them)")
         q.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (default 1)")
         q.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
         q.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"), help="weight dtype")
@@ -366,6 +370,7 @@ def _load_for_eval(args: argparse.Namespace):
 
     methods = parse_methods(args.methods)  # fail before the slow load
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     loaded = models.load(args.model, device=args.device, dtype=dtype, rope_scaling_factor=args.rope_scaling)
     return loaded, methods
 
@@ -389,8 +394,16 @@ def _execute_eval(args: argparse.Namespace, eval_name: str, loaded, methods, sam
         if done >= total:
             bar.close()  # type: ignore[attr-defined]
 
+    def stage(message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)  # above any open bar
+
     print(f"{eval_name}: {len(samples)} samples x {len(methods)} methods on {loaded.name} ({loaded.device})", file=sys.stderr)
-    runs = run_eval(loaded, eval_name, samples, methods, args.out, batch_size=args.batch_size, meta=meta, progress=progress)
+    runs = run_eval(
+        loaded, eval_name, samples, methods, args.out, batch_size=args.batch_size, meta=meta, progress=progress,
+        stage=None if args.no_progress else stage, overwrite=args.overwrite,
+    )
     for run in runs:
         print(f"{run.method}: ran {run.ran}, skipped {run.skipped} finished -> {run.path}")
     if not args.no_report:
@@ -398,6 +411,7 @@ def _execute_eval(args: argparse.Namespace, eval_name: str, loaded, methods, sam
 
         folder = f"{args.out}/{eval_name}"
         written = write_report(load_records([folder]), folder)
+        _print_report_warnings(written["summary"])
         print(f"report: {written['report']}")
     return 0
 
@@ -482,9 +496,20 @@ def _run_report(args: argparse.Namespace) -> int:
             # Entries of an earlier file win (dense and FlexPrefill are in every file).
             attention = times if attention is None else {**attention, "ms": {**times["ms"], **attention["ms"]}}
     written = write_report(records, args.out or args.results[0], plots=not args.no_plots, attention=attention)
+    _print_report_warnings(written["summary"])
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
+
+
+def _print_report_warnings(summary_path) -> None:
+    """The report's warnings (methods compared on different samples or settings) on stderr."""
+    import json
+    from pathlib import Path
+
+    for eval_name, data in json.loads(Path(summary_path).read_text()).items():
+        for warning in data.get("warnings", ()):
+            print(f"tokensparse: warning: {eval_name}: {warning}", file=sys.stderr)
 
 
 if __name__ == "__main__":
