@@ -148,7 +148,7 @@ def load(
 
     try:
         config = AutoConfig.from_pretrained(**source)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # e.g. a folder without a config.json, or not a model's
         raise ValueError(f"cannot load model {name!r}: {_first_line(err)}") from err
     if rope_scaling_factor is not None and rope_scaling_factor > 1.0:
         original = int(config.max_position_embeddings)
