@@ -121,6 +121,9 @@ def test_eval_refuses_lengths_past_the_context(tiny_model_dir, tmp_path, capsys)
         "to stretch it"
     )
     assert not (tmp_path / "niah").exists()  # refused before any sample ran
+    expected = "length 9000 exceeds the model's context of 8192 tokens; pass a YaRN factor (--rope-scaling 1.10 or more)"
+    assert main(["demo", "--model", str(tiny_model_dir), "--device", "cpu", "--length", "9000"]) == 2
+    assert one_error_line(capsys).startswith(expected)  # the demo's check is the same
     # The same check as the demo's; a YaRN factor stretches the context it checks.
     loaded = models.load(str(tiny_model_dir), device="cpu", rope_scaling_factor=2.0)
     assert loaded.max_context == 16384
