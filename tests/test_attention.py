@@ -101,6 +101,20 @@ def test_short_input_and_zero_coverage_run_dense():
     assert sel.all_dense and torch.equal(out, dense)
 
 
+def test_stats_of_a_dense_call():
+    """The documented contract of a call that runs dense: no indices, every real token
+    counted as kept, nothing dropped, every sequence marked dense."""
+    q, k, v = make_qkv(2, 4, 2, 100, 32, dtype=torch.float32)
+    mask = torch.ones(2, 100, dtype=torch.bool)
+    mask[1, :30] = False  # the second sequence has 70 real tokens
+    out, sel = token_sparse_attention(q, k, v, key_padding_mask=mask, return_stats=True)  # 100 <= 128 + 1024
+    assert sel.kept_idx is None and sel.all_dense and sel.dense.tolist() == [True, True]
+    assert sel.seq_lens.tolist() == [100, 70] and sel.seq_len == 100
+    assert sel.num_kept.tolist() == [[100] * 4, [70] * 4]
+    assert torch.equal(sel.kept_share, torch.ones(2, 4)) and torch.equal(sel.dropped_mass, torch.zeros(2, 4))
+    assert sel.dropped_mass.dtype == torch.float32 and sel.num_kept.dtype == torch.int64
+
+
 def test_scale_is_used():
     q, k, v = make_qkv(1, 2, 1, 120, 16)
     out = token_sparse_attention(q, k, v, coverage=0.2, window=8, min_tokens=16, scale=0.3)
@@ -179,6 +193,13 @@ BAD_INPUTS = [
     (lambda q, k, v: (q, k, v), {"coverage": 2.0}, "coverage"),
     (lambda q, k, v: (q, k, v), {"kernel_size": 2}, "kernel_size"),
     (lambda q, k, v: (q, k, v), {"config": {"coverage": 0.1}}, "config must be a TokenSparseConfig"),
+    # Empty dimensions are refused by name (they gave RuntimeError / ZeroDivisionError
+    # from inside the selection); the sparse settings make sure it is not a short-input shortcut.
+    (lambda q, k, v: (q[:0], k[:0], v[:0]), {"window": 8, "min_tokens": 8}, r"query has an empty batch \(B\)"),
+    (lambda q, k, v: (q[:, :0], k, v), {"window": 8, "min_tokens": 8}, r"query has an empty heads \(H\)"),
+    (lambda q, k, v: (q[:, :, :0], k[:, :, :0], v[:, :, :0]), {}, r"query has an empty sequence length \(L\)"),
+    (lambda q, k, v: (q[..., :0], k[..., :0], v), {"window": 8, "min_tokens": 8}, r"query has an empty head_dim"),
+    (lambda q, k, v: (q, k, v[..., :0]), {"window": 8, "min_tokens": 8}, r"value has an empty head_dim"),
 ]
 
 

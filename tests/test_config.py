@@ -33,6 +33,8 @@ def test_frozen():
         ({"keep_ratio": 0.5}, "keep_ratio"),
         ({"budget": "keep_tokens", "keep_tokens": 0}, "keep_tokens"),
         ({"sparse_layers": "12"}, "sparse_layers"),
+        ({"sparse_layers": 5}, "sparse_layers"),
+        ({"sparse_layers": 3.0}, "sparse_layers"),
         ({"sparse_layers": [1, -2]}, "sparse_layers"),
         ({"backend": "cuda"}, "backend"),
         ({"colour": "blue"}, "colour"),

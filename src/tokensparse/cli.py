@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from typing import Callable
 
 
@@ -22,11 +23,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run: Callable[[argparse.Namespace], int] = args.run
+    # The one place that turns exceptions into CLI errors: bad input, missing files
+    # and refused settings are one line (with -v, the traceback first); other
+    # exceptions are bugs and keep their traceback.
     try:
+        _check_device(args)
         return run(args) or 0
+    except KeyboardInterrupt:
+        if args.verbose:
+            traceback.print_exc()
+        print("tokensparse: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as err:
-        print(f"tokensparse {args.command}: error: {err}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"tokensparse: error: {message}", file=sys.stderr)
         return 2
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """Refuse a --device this torch cannot use before any subcommand loads anything."""
+    if getattr(args, "device", None) is not None:
+        from .models import resolve_device
+
+        resolve_device(args.device)
 
 
 # ---------------------------------------------------------------- demo
@@ -252,11 +273,15 @@ def _run_profile(args: argparse.Namespace) -> int:
         DEFAULT_LENGTH,
         LayerProfile,
         calibration_ids,
+        check_delta,
         format_drift_table,
         plot_profile,
         profile_model,
     )
 
+    check_delta(args.delta)  # fail before the slow load and calibration
+    if args.length is not None and args.length < 2:
+        raise ValueError(f"--length must be >= 2, got {args.length}")
     text = None
     source = BUILTIN_CALIBRATION
     if args.calibration is not None:
@@ -269,8 +294,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     loaded = models.load(args.model, device=args.device)
     context = loaded.max_context
     length = args.length if args.length is not None else (min(DEFAULT_LENGTH, context) if context else DEFAULT_LENGTH)
-    if context and length > context:
-        raise ValueError(f"--length {length} exceeds the model's context of {context} tokens")
+    models.check_context(loaded, length, "--length", scalable=False)
     input_ids = calibration_ids(loaded.tokenizer, length, text)
     print(f"running {length} calibration tokens densely on {loaded.device} ...", flush=True)
     profile = profile_model(loaded.model, input_ids, delta=args.delta, calibration=source)
@@ -294,7 +318,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--methods", default="dense,token_sparse",
                        help="comma-separated method specs, e.g. 'dense,token_sparse:coverage=0.02,"
                             "token_sparse:keep_ratio=0.5' (default: dense,token_sparse)")
-        q.add_argument("--out", default="runs/eval", help="results folder (default: runs/eval); reruns skip finished samples")
+        q.add_argument("--out", default="runs/eval",
+                       help="results folder (default: runs/eval); a rerun of the same settings skips finished samples, "
+                            "one of other settings is refused")
+        q.add_argument("--overwrite", action="store_true",
+                       help="delete the result files of these methods in --out first (instead of resuming them)")
         q.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (default 1)")
         q.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
         q.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"), help="weight dtype")
@@ -367,7 +395,10 @@ def _load_for_eval(args: argparse.Namespace):
     from .methods import parse_methods
 
     methods = parse_methods(args.methods)  # fail before the slow load
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     loaded = models.load(args.model, device=args.device, dtype=dtype, rope_scaling_factor=args.rope_scaling)
     return loaded, methods
 
@@ -391,8 +422,16 @@ def _execute_eval(args: argparse.Namespace, eval_name: str, loaded, methods, sam
         if done >= total:
             bar.close()  # type: ignore[attr-defined]
 
+    def stage(message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)  # above any open bar
+
     print(f"{eval_name}: {len(samples)} samples x {len(methods)} methods on {loaded.name} ({loaded.device})", file=sys.stderr)
-    runs = run_eval(loaded, eval_name, samples, methods, args.out, batch_size=args.batch_size, meta=meta, progress=progress)
+    runs = run_eval(
+        loaded, eval_name, samples, methods, args.out, batch_size=args.batch_size, meta=meta, progress=progress,
+        stage=None if args.no_progress else stage, overwrite=args.overwrite,
+    )
     for run in runs:
         print(f"{run.method}: ran {run.ran}, skipped {run.skipped} finished -> {run.path}")
     if not args.no_report:
@@ -400,17 +439,23 @@ def _execute_eval(args: argparse.Namespace, eval_name: str, loaded, methods, sam
 
         folder = f"{args.out}/{eval_name}"
         written = write_report(load_records([folder]), folder)
+        _print_report_warnings(written["summary"])
         print(f"report: {written['report']}")
     return 0
 
 
 def _run_eval_niah(args: argparse.Namespace) -> int:
+    from . import models
     from .eval import niah
 
     lengths = _csv_ints(args.lengths, "--lengths")
     if args.depths < 1:
         raise ValueError("--depths must be >= 1")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     loaded, methods = _load_for_eval(args)
+    for length in lengths or ():
+        models.check_context(loaded, length)
     lengths = lengths or niah.default_lengths(loaded.max_context or 8192)
     depths = [i / (args.depths - 1) if args.depths > 1 else 0.5 for i in range(args.depths)]
     options = {k: v for k, v in (("needle", args.needle), ("question", args.question)) if v is not None}
@@ -423,6 +468,7 @@ def _run_eval_niah(args: argparse.Namespace) -> int:
 
 
 def _run_eval_ruler(args: argparse.Namespace) -> int:
+    from . import models
     from .eval import ruler
 
     tasks = {"synthetic": list(ruler.SYNTHETIC_TASKS), "all": list(ruler.ALL_TASKS)}.get(
@@ -433,6 +479,8 @@ def _run_eval_ruler(args: argparse.Namespace) -> int:
             ruler.qa_path(task, args.qa_dir)  # fail before the slow model load
     lengths = _csv_ints(args.lengths, "--lengths")
     loaded, methods = _load_for_eval(args)
+    for length in lengths or ():
+        models.check_context(loaded, length)
     if lengths is None:
         context = loaded.max_context or 8192
         lengths = [n for n in (4096, 8192, 16384, 32768, 65536, 131072) if n <= context] or [context]
@@ -443,6 +491,7 @@ def _run_eval_ruler(args: argparse.Namespace) -> int:
 
 
 def _run_eval_bench(args: argparse.Namespace) -> int:
+    from . import models
     from .eval import infinitebench, longbench
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -455,6 +504,7 @@ def _run_eval_bench(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{args.eval} {task}: expected the data file {path} ({module.DOWNLOAD_HINT})")
     loaded, methods = _load_for_eval(args)
     limit = args.limit or loaded.max_context or 8192
+    models.check_context(loaded, limit, "--limit")
     extra = {"longbench_e": args.longbench_e} if args.eval == "longbench" else {}
     samples = module.build_samples(
         loaded.tokenizer, args.data_dir, tasks, limit=limit, num_samples=args.samples, chat=not args.no_chat, **extra
@@ -484,9 +534,20 @@ def _run_report(args: argparse.Namespace) -> int:
             # Entries of an earlier file win (dense and FlexPrefill are in every file).
             attention = times if attention is None else {**attention, "ms": {**times["ms"], **attention["ms"]}}
     written = write_report(records, args.out or args.results[0], plots=not args.no_plots, attention=attention)
+    _print_report_warnings(written["summary"])
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
+
+
+def _print_report_warnings(summary_path) -> None:
+    """The report's warnings (methods compared on different samples or settings) on stderr."""
+    import json
+    from pathlib import Path
+
+    for eval_name, data in json.loads(Path(summary_path).read_text()).items():
+        for warning in data.get("warnings", ()):
+            print(f"tokensparse: warning: {eval_name}: {warning}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ class TokenSparseConfig:
             fail("keep_tokens", "None unless budget='keep_tokens'")
         if self.sparse_layers is not None:
             layers = self.sparse_layers
-            if isinstance(layers, (str, bytes)) or not all(_is_int(i) and i >= 0 for i in layers):
+            iterable = isinstance(layers, (list, tuple, set, frozenset, range))
+            if not iterable or not all(_is_int(i) and i >= 0 for i in layers):
                 fail("sparse_layers", "None or a sequence of layer indices >= 0")
             # Normalise lists (e.g. from JSON) to a sorted tuple so the config stays hashable.
             object.__setattr__(self, "sparse_layers", tuple(sorted(set(int(i) for i in layers))))

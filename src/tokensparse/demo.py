@@ -100,12 +100,7 @@ def run_demo(
     else:
         progress(f"loading {model} ...")
         loaded = models.load(model, device=device, rope_scaling_factor=rope_scaling_factor)
-    context = loaded.max_context
-    if context and length > context:
-        raise ValueError(
-            f"length {length} exceeds the model's context of {context} tokens; pass a YaRN factor "
-            f"(--rope-scaling {length / context:.1f} or more)"
-        )
+    models.check_context(loaded, length)
     prompt = build_needle_prompt(loaded.tokenizer, length, depth)
     input_ids = prompt.input_ids.to(loaded.device)
 

@@ -66,6 +66,39 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: ``device``, or CUDA if available else the CPU.
+
+    Raises ValueError (before anything loads) for a name that is not a torch
+    device, or an accelerator this torch cannot use (e.g. ``cuda`` on a CPU-only
+    build or a machine without a GPU, ``cuda:3`` with two GPUs)."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {str(device)!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {str(device)!r} is not available: {why} (torch {torch.__version__}); use cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} CUDA GPU(s) visible")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} is not available on this machine")
+    return resolved
+
+
+def check_context(loaded: "LoadedModel", length: int, what: str = "length", *, scalable: bool = True) -> None:
+    """Raise ValueError when ``length`` tokens exceed ``loaded``'s context (its
+    ``max_position_embeddings``, already stretched by a YaRN factor given to
+    :func:`load`); with ``scalable``, the message names the factor that would fit them."""
+    context = loaded.max_context
+    if context and length > context:
+        hint = f"; pass a YaRN factor (--rope-scaling {length / context:.2f} or more) to stretch it" if scalable else ""
+        raise ValueError(f"{what} {length} exceeds the model's context of {context} tokens{hint}")
+
+
 def load(
     name_or_path: str = EMBEDDED_NAME,
     *,
@@ -93,7 +126,7 @@ def load(
 
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"name_or_path must be a model name, hub id or path, got {name_or_path!r}")
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if rope_scaling_factor is not None and rope_scaling_factor < 1.0:
@@ -110,9 +143,13 @@ def load(
             raise FileNotFoundError(f"no GGUF file at {path}")
         source = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
     else:
+        _check_loadable(name)
         source = {"pretrained_model_name_or_path": name}
 
-    config = AutoConfig.from_pretrained(**source)
+    try:
+        config = AutoConfig.from_pretrained(**source)
+    except (OSError, ValueError) as err:  # e.g. a folder without a config.json, or not a model's
+        raise ValueError(f"cannot load model {name!r}: {_first_line(err)}") from err
     if rope_scaling_factor is not None and rope_scaling_factor > 1.0:
         original = int(config.max_position_embeddings)
         theta = _rope_theta(config)
@@ -139,3 +176,37 @@ def _rope_theta(config: Any) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     theta = params.get("rope_theta") if isinstance(params, dict) else None
     return float(theta or getattr(config, "rope_theta", None) or EMBEDDED_ROPE_THETA)
+
+
+def _check_loadable(name: str) -> None:
+    """Raise ValueError at once when ``name`` is neither a local path nor a hub id in
+    the cache or on a reachable hub (transformers would retry the network for ~25 s
+    and then raise a long OSError)."""
+    if Path(name).exists():
+        return
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    neither = f"model {name!r} is neither the embedded model ({EMBEDDED_NAME!r}) nor a local path"
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
+    except HFValidationError:
+        raise ValueError(f"{neither}, and not a valid hub id") from None
+    if isinstance(cached, str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{neither} nor a hub id in the local cache (offline mode: HF_HUB_OFFLINE is set)")
+    try:
+        huggingface_hub.model_info(name, timeout=10)
+    except GatedRepoError:
+        return  # transformers explains access to gated models itself
+    except RepositoryNotFoundError:
+        raise ValueError(f"{neither}, and the hub has no model of that id (or it is private)") from None
+    except Exception as err:  # noqa: BLE001 - any network failure means: not reachable
+        raise ValueError(f"{neither} nor a cached hub id, and the hub is not reachable ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -54,6 +54,12 @@ def check_inputs(
             f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
     batch, num_heads, seq_len, head_dim = query.shape
+    # Empty inputs are refused rather than passed through: the budget and scale
+    # arithmetic has no meaning for them (SDPA would return an empty tensor).
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        for dim, size in zip(("batch (B)", "heads (H)", "sequence length (L)", "head_dim (D)"), t.shape):
+            if size == 0:
+                raise ValueError(f"{name} has an empty {dim} dimension, shape {tuple(t.shape)}; every dimension must be >= 1")
     if key.shape[0] != batch or value.shape[0] != batch:
         raise ValueError(
             f"batch sizes differ: query {batch}, key {key.shape[0]}, value {value.shape[0]}"

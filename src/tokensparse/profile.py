@@ -359,6 +359,12 @@ def normalise(raw_drift: list[float]) -> list[float]:
     return [x / total for x in raw_drift]
 
 
+def check_delta(delta: float) -> None:
+    """Raise ValueError unless ``delta`` is a number in [0, 1] (a quantile)."""
+    if not isinstance(delta, (int, float)) or isinstance(delta, bool) or not 0.0 <= delta <= 1.0:
+        raise ValueError(f"delta must be a number in [0, 1], got {delta!r}")
+
+
 def choose_layers(drift: list[float] | tuple[float, ...], delta: float = DEFAULT_DELTA) -> tuple[tuple[int, ...], float]:
     """Layers whose drift is at or below the ``delta``-quantile, and that quantile.
 
@@ -366,8 +372,7 @@ def choose_layers(drift: list[float] | tuple[float, ...], delta: float = DEFAULT
     so with 30 layers and delta 0.5 it is the mean of the 15th and 16th smallest
     drifts and exactly 15 layers are chosen (without ties).
     """
-    if not isinstance(delta, (int, float)) or isinstance(delta, bool) or not 0.0 <= delta <= 1.0:
-        raise ValueError(f"delta must be a number in [0, 1], got {delta!r}")
+    check_delta(delta)
     if not drift:
         raise ValueError("drift is empty")
     ordered = sorted(drift)
@@ -396,6 +401,7 @@ def profile_model(
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, L), got {tuple(input_ids.shape)}")
+    check_delta(delta)  # before the slow dense pass
     raw = measure_drift(model, input_ids, eps=eps)
     drift = normalise(raw)
     layers, threshold = choose_layers(drift, delta)

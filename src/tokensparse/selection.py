@@ -30,6 +30,13 @@ top_k_per_head = reference.top_k_per_head_ref
 class TokenSelection:
     """What each head of each sequence keeps.
 
+    A call that runs dense (a batch too short for the method, coverage 0, or
+    ``keep_ratio`` 1) still returns a full selection: ``kept_idx`` is ``None``
+    (there is nothing to gather), ``dense`` is all True, ``num_kept`` equals the
+    real length of each sequence for every head (so ``kept_share`` is 1) and
+    ``dropped_mass`` is 0. Code that reads the selection needs no special case
+    beyond ``kept_idx``.
+
     Attributes:
         kept_idx: (B, H, K) int64 kept positions, ascending; the first
             ``num_kept[b, h]`` entries are valid and the rest equal ``seq_len``

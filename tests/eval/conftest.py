@@ -4,25 +4,7 @@ Llama model, both built in memory."""
 
 import pytest
 
-
-def _byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core)
-    tok.add_tokens(["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>"], special_tokens=True)
-    tok.bos_token, tok.eos_token, tok.pad_token = "<s>", "</s>", "<pad>"
-    tok.chat_template = (
-        "{% for m in messages %}<|user|>{{ m['content'] }}</s>{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
-    tok.padding_side = "left"
-    return tok
+from tiny_models import byte_tokenizer as _byte_tokenizer
 
 
 @pytest.fixture(scope="session")

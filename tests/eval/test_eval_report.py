@@ -141,3 +141,51 @@ def test_attention_times_and_model_weighting(tmp_path):
     written = write_report(records, tmp_path / "out", attention=times)
     assert written["tradeoff_attention_ruler"].stat().st_size > 0
     assert "## Accuracy vs attention time" in written["report"].read_text()
+
+
+def _keyed(method, length, sample_id, depth, score=1.0, *, run_key="r1", dtype="bfloat16"):
+    return _rec(
+        "niah", "niah_essay", length, sample_id, method, score, depth=depth,
+        sample_hash=f"h{length}-{depth}", run_key=run_key, run_settings={"model": "m", "dtype": dtype},
+    )
+
+
+def test_report_on_mismatched_grids_uses_common_samples_and_says_so(tmp_path, capsys):
+    folder = tmp_path / "niah"
+    folder.mkdir()
+    # dense at depths 0, 1/3, 2/3, 1; the sparse method at 0, 0.5, 1 (sample ids reused, prompts differ)
+    dense = [_keyed("dense", 1024, i, d) for i, d in enumerate((0.0, 1 / 3, 2 / 3, 1.0))]
+    sparse = [_keyed(SPARSE, 1024, i, d, 0.0 if d == 1.0 else 1.0) for i, d in enumerate((0.0, 0.5, 1.0))]
+    (folder / "dense.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dense))
+    (folder / "sparse.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sparse))
+    summary = summarize(load_records([folder]))["niah"]
+    # only depth 0 (sample 0, same prompt) is common; depth 1 is sample 3 of dense but sample 2 of the other
+    assert summary["methods"][1024]["dense"]["n"] == 1 and summary["methods"][1024][SPARSE]["n"] == 1
+    (warning,) = summary["warnings"]
+    assert "only the 1 sample(s) all 2 methods ran" in warning
+    assert "dense: 3 of 4 left out (niah_essay@1024 x3 at depths 0.33, 0.67, 1.00)" in warning
+    assert f"{SPARSE}: 2 of 3 left out (niah_essay@1024 x2 at depths 0.50, 1.00)" in warning
+    assert main(["report", str(folder), "--no-plots"]) == 0
+    text = (folder / "report.md").read_text()
+    assert "> **Warning:** the methods ran on different samples" in text
+    assert "different samples" in capsys.readouterr().err
+    # no common sample at all: an error, not an empty table
+    (folder / "sparse.jsonl").write_text(json.dumps(_keyed(SPARSE, 2048, 0, 0.0)) + "\n")
+    assert main(["report", str(folder), "--no-plots"]) == 2
+    assert "share no sample" in capsys.readouterr().err
+
+
+def test_report_flags_other_run_settings_and_unknown_keys(tmp_path):
+    folder = tmp_path / "niah"
+    folder.mkdir()
+    dense = [_keyed("dense", 1024, 0, 0.0, run_key="r1", dtype="bfloat16")]
+    sparse = [_keyed(SPARSE, 1024, 0, 0.0, run_key="r2", dtype="float32")]
+    (folder / "a.jsonl").write_text(json.dumps(dense[0]) + "\n" + json.dumps(sparse[0]) + "\n")
+    (warning,) = summarize(load_records([folder]))["niah"]["warnings"]
+    assert warning == f"run settings differ: {SPARSE} vs dense: dtype 'float32' vs 'bfloat16'"
+    # Records without keys (older files) still report; they are matched by sample id and flagged.
+    _write_results(tmp_path / "old")
+    summary = summarize(load_records([tmp_path / "old"]))
+    assert summary["ruler"]["methods"][4096]["dense"]["n"] == 8
+    assert "no sample or settings key" in summary["ruler"]["warnings"][0]
+    assert len(summary["ruler"]["warnings"]) == 1

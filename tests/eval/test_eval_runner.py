@@ -95,3 +95,78 @@ def test_ruler_sample_through_the_runner(tiny_loaded, byte_tokenizer, tmp_path, 
     (record,) = read_results(run.path)
     assert record["task"] == "niah_single_1" and record["metric"] == "string_match_all"
     assert record["references"] == list(sample.references) and record["score"] == 1.0
+
+
+def _grid(tokenizer, depths=(0.0, 1.0), **kwargs):
+    options = {"haystack": "filler", "max_new_tokens": 4, **kwargs}
+    return niah.grid_samples(tokenizer, [320], list(depths), **options)
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"depths": (0.0, 0.5, 1.0)},  # sample 1 moves from depth 1 to 0.5
+        {"seed": 7},  # other random answers in the same cells
+        {"max_new_tokens": 8},  # other generation budget (and shorter prompts)
+        {"chat": False},  # other prompt template
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_rerun_with_other_samples_refuses_then_overwrites(tiny_loaded, byte_tokenizer, tmp_path, fake_generate, changed):
+    specs = parse_methods("dense")
+    path = result_path(tmp_path, "niah", specs[0])
+    (first,) = run_eval(tiny_loaded, "niah", _grid(byte_tokenizer), specs, tmp_path)
+    assert (first.ran, first.skipped) == (2, 0)
+    old = read_results(path)
+    assert all(len(r["sample_hash"]) == 16 and r["run_key"] and r["run_settings"]["dtype"] == "float32" for r in old)
+    other = _grid(byte_tokenizer, **changed)
+    with pytest.raises(runner.StaleResultsError, match="whose prompt, answer or generation budget differ.*--overwrite"):
+        run_eval(tiny_loaded, "niah", other, specs, tmp_path)
+    assert read_results(path) == old  # nothing ran, nothing was written
+    (rerun,) = run_eval(tiny_loaded, "niah", other, specs, tmp_path, overwrite=True)
+    assert (rerun.ran, rerun.skipped) == (len(other), 0)
+    new = read_results(path)
+    assert sorted(r["sample_hash"] for r in new) == sorted(s.fingerprint for s in other)
+    (again,) = run_eval(tiny_loaded, "niah", other, specs, tmp_path)  # the identical rerun skips everything
+    assert (again.ran, again.skipped) == (0, len(other))
+
+
+def test_rerun_extends_a_grid_of_the_same_settings(tiny_loaded, byte_tokenizer, tmp_path, fake_generate):
+    specs = parse_methods("dense")
+    run_eval(tiny_loaded, "niah", _grid(byte_tokenizer), specs, tmp_path)
+    wider = _grid(byte_tokenizer) + niah.grid_samples(byte_tokenizer, [400], [0.0, 1.0], haystack="filler", max_new_tokens=4)
+    (run,) = run_eval(tiny_loaded, "niah", wider, specs, tmp_path)
+    assert (run.ran, run.skipped) == (2, 2)
+
+
+def test_rerun_with_other_run_settings_or_old_records_refuses(tiny_loaded, byte_tokenizer, tmp_path, fake_generate):
+    import dataclasses
+
+    specs = parse_methods("dense")
+    samples = _grid(byte_tokenizer)
+    run_eval(tiny_loaded, "niah", samples, specs, tmp_path)
+    path = result_path(tmp_path, "niah", specs[0])
+    other_model = dataclasses.replace(tiny_loaded, name="another-model")
+    with pytest.raises(runner.StaleResultsError, match="2 record\\(s\\) of other run settings \\(model 'another-model' vs 'tiny-llama'\\)"):
+        run_eval(other_model, "niah", samples, specs, tmp_path)
+    # Records of an older tokensparse have no keys: refused too, never reused.
+    legacy = [{k: v for k, v in r.items() if k not in ("sample_hash", "run_key", "run_settings")} for r in read_results(path)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    with pytest.raises(runner.StaleResultsError, match="2 record\\(s\\) without a sample or settings key"):
+        run_eval(tiny_loaded, "niah", samples, specs, tmp_path)
+    # run settings: dtype is part of them, batch size and device are not
+    settings = runner.run_settings(tiny_loaded)
+    assert settings["dtype"] == "float32" and settings["model"] == "tiny-llama"
+    assert settings["max_position_embeddings"] == 4096 and "batch" not in json.dumps(settings)
+
+
+def test_stages_come_before_the_progress_bar(tiny_loaded, samples, tmp_path, fake_generate):
+    events = []
+    run_eval(
+        tiny_loaded, "niah", samples, parse_methods("dense"), tmp_path, batch_size=2,
+        progress=lambda *a: events.append(("progress", *a)), stage=lambda msg: events.append(("stage", msg)),
+    )
+    assert events[0] == ("stage", "dense: warming up at 320 tokens ...")
+    assert events[1] == ("progress", "dense", 0, 4)
+    assert ("stage", "dense: warming up at 400 tokens ...") in events
+    assert events[-1] == ("progress", "dense", 4, 4)

@@ -7,6 +7,8 @@ prompt tokens plus the generation budget fit within the sample's ``length``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import zlib
 from dataclasses import dataclass, field
@@ -51,6 +53,19 @@ class Sample:
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits of a hash of everything that decides this sample's record:
+        the prompt's token ids (so the seed, depth, needle, haystack and chat template),
+        the references, the generation budget and the scoring. Written to every result
+        record as ``sample_hash``; a rerun reuses a record only if it matches."""
+        content = [
+            list(self.input_ids), list(self.references), self.max_new_tokens,
+            self.metric, self.postprocess, self.metric_options,
+        ]
+        text = json.dumps(content, sort_keys=True, default=str, ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def sample_rng(seed: int, *parts: Any) -> random.Random:

@@ -15,6 +15,16 @@ per eval, task, length and method; :func:`write_report` writes ``report.md``,
   one plot.
 
 Scores are shown in points (0-100).
+
+Methods are compared on the same samples only: when the methods of an eval ran
+on different sample grids (other lengths, depths, seeds, budgets: each sample is
+identified by (task, length, sample_id) and its ``sample_hash``), every table
+and plot uses the samples all of them ran, and the report opens that eval's
+section with a warning naming what was left out; methods that share no sample
+are an error. Methods run with different generation settings (``run_key``:
+model, dtype, context, RoPE) are flagged too. Records written before these
+keys existed count as unknown: their grids are compared by (task, length,
+sample_id) and a note says so.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
+
+from .results import grid_key, settings_differences
 
 DENSE = "dense"
 NIAH_EVAL = "niah"
@@ -62,6 +74,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         by_eval[str(r.get("eval") or "results")].append(r)
     out: dict[str, Any] = {}
     for eval_name, rows in sorted(by_eval.items()):
+        rows, warnings = common_samples(eval_name, rows)
         groups: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
             groups[(str(r["task"]), int(r["length"]), str(r["method"]))].append(r)
@@ -103,8 +116,73 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             "cells": {t: {l: dict(m) for l, m in v.items()} for t, v in cells.items()},
             "methods": {l: dict(m) for l, m in methods.items()},
             "niah": niah,
+            "warnings": warnings,
         }
     return out
+
+
+def common_samples(eval_name: str, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records of the samples every method ran, and warning lines naming what
+    differs between the methods (samples left out, run settings).
+
+    Raises ValueError when the methods share no sample."""
+    methods = method_order(r["method"] for r in rows)
+    unknown = sum(1 for r in rows if not r.get("sample_hash"))
+    # Without a hash on every record, samples can only be matched by position.
+    key = (lambda r: grid_key(r)[:3]) if unknown else grid_key
+    grids = {m: {key(r) for r in rows if r["method"] == m} for m in methods}
+    common = set.intersection(*grids.values()) if grids else set()
+    warnings = []
+    if unknown:
+        warnings.append(
+            f"{unknown} record(s) carry no sample or settings key (written by an older tokensparse): samples are "
+            "matched by task, length and sample id only, and their prompts and settings cannot be checked"
+        )
+    if any(grid != common for grid in grids.values()):
+        left_out = {m: [r for r in rows if r["method"] == m and key(r) not in common] for m in methods}
+        details = "; ".join(
+            f"{m}: {len(out)} of {len(grids[m])} left out ({_describe_samples(out)})" for m, out in left_out.items() if out
+        )
+        if not common:
+            raise ValueError(f"{eval_name}: the methods share no sample, nothing to compare ({details})")
+        warnings.append(
+            f"the methods ran on different samples; every number below uses only the {len(common)} sample(s) all "
+            f"{len(methods)} methods ran. {details}"
+        )
+        rows = [r for r in rows if key(r) in common]
+    warnings += _settings_warnings(rows, methods)
+    return rows, warnings
+
+
+def _describe_samples(rows: list[dict[str, Any]]) -> str:
+    """``task@length xN`` per cell (with the depths for NIAH records)."""
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        cells[(str(r["task"]), int(r["length"]))].append(r)
+    parts = []
+    for (task, length), group in sorted(cells.items()):
+        depths = sorted({float(r["depth"]) for r in group if r.get("depth") is not None})
+        where = f" at depths {', '.join(f'{d:.2f}' for d in depths)}" if depths else ""
+        parts.append(f"{task}@{length} x{len(group)}{where}")
+    return ", ".join(parts)
+
+
+def _settings_warnings(rows: list[dict[str, Any]], methods: list[str]) -> list[str]:
+    by_key: dict[str, dict[str, Any]] = {}
+    methods_of: dict[str, list[str]] = defaultdict(list)
+    for m in methods:
+        for r in rows:
+            if r["method"] == m and r.get("run_key") and m not in methods_of[r["run_key"]]:
+                by_key.setdefault(r["run_key"], r.get("run_settings") or {})
+                methods_of[r["run_key"]].append(m)
+    if len(by_key) < 2:
+        return []
+    (first, settings), *others = by_key.items()
+    return [
+        f"run settings differ: {', '.join(methods_of[k])} vs {', '.join(methods_of[first])}: "
+        f"{settings_differences(other, settings)}"
+        for k, other in others
+    ]
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
@@ -124,7 +202,9 @@ def markdown(summary: dict[str, Any]) -> str:
     for eval_name, data in summary.items():
         cells, per_method = data["cells"], data["methods"]
         methods = method_order(m for l in per_method.values() for m in l)
-        lines += [f"## {eval_name}", "", "| task | length | " + " | ".join(methods) + " |"]
+        lines += [f"## {eval_name}", ""]
+        lines += [line for w in data.get("warnings", ()) for line in (f"> **Warning:** {w}", "")]
+        lines += ["| task | length | " + " | ".join(methods) + " |"]
         lines.append("|---|---:|" + "---:|" * len(methods))
         lengths = sorted(per_method)
         for task in sorted(cells):

@@ -2,10 +2,18 @@
 
 One JSON-lines file per (eval, method): ``OUT/<eval>/<method slug>.jsonl``, one
 record per sample, keyed by (task, length, sample_id) and the method label.
+
+What a record was computed from is in two hashes: ``sample_hash`` (the prompt's
+token ids, references, generation budget and scoring; see
+:attr:`tokensparse.eval.prompts.Sample.fingerprint`) and ``run_key`` (the
+generation settings of the run: model, dtype, context and RoPE; the settings
+themselves are in ``run_settings``). Records written before these existed have
+neither: they read as usual and their keys count as unknown.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -41,6 +49,57 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
 
 def record_key(record: dict[str, Any]) -> tuple[str, int, int]:
     return (str(record["task"]), int(record["length"]), int(record["sample_id"]))
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """16 hex digits of a hash of a run's generation settings (``run_key``)."""
+    text = json.dumps(settings, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def grid_key(record: dict[str, Any]) -> tuple[str, int, int, str | None]:
+    """(task, length, sample_id, sample_hash): the sample a record answers; the hash
+    is None for records written before it was recorded."""
+    return (*record_key(record), record.get("sample_hash"))
+
+
+def settings_differences(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> str:
+    """``name A vs B`` for each run setting that differs, or ``unknown`` when either
+    side has none recorded."""
+    if not ours or not theirs:
+        return "settings unknown (records from before run settings were recorded)"
+    names = sorted(set(ours) | set(theirs))
+    return ", ".join(f"{n} {ours.get(n)!r} vs {theirs.get(n)!r}" for n in names if ours.get(n) != theirs.get(n))
+
+
+def stale_reason(
+    records: list[dict[str, Any]], expected: dict[tuple[str, int, int], str], run_key: str, run_settings: dict[str, Any]
+) -> str | None:
+    """Why ``records`` (one method's results) cannot be resumed by a run of the samples
+    ``expected`` ((task, length, sample_id) -> sample hash) under ``run_key``; None if
+    they can. Records of samples outside ``expected`` but of the same settings are fine
+    (a grid extended or run in parts)."""
+    legacy = [r for r in records if not r.get("sample_hash") or not r.get("run_key")]
+    other_run = [r for r in records if r.get("run_key") and r["run_key"] != run_key]
+    changed = [
+        r for r in records
+        if r.get("sample_hash") and record_key(r) in expected and r["sample_hash"] != expected[record_key(r)]
+    ]
+    parts = []
+    if legacy:
+        parts.append(f"{len(legacy)} record(s) without a sample or settings key (written by an older tokensparse)")
+    if other_run:
+        parts.append(
+            f"{len(other_run)} record(s) of other run settings "
+            f"({settings_differences(run_settings, other_run[0].get('run_settings'))})"
+        )
+    if changed:
+        task, length, sample_id = record_key(changed[0])
+        parts.append(
+            f"{len(changed)} sample(s) whose prompt, answer or generation budget differ "
+            f"(e.g. {task} at length {length}, sample {sample_id})"
+        )
+    return "; ".join(parts) or None
 
 
 def find_result_files(roots: Iterable[str | Path]) -> list[Path]:

@@ -2,8 +2,19 @@
 
 Results are JSON lines, one file per (eval, method): ``OUT/<eval>/<method slug>.jsonl``,
 one record per sample, appended as batches finish. A rerun reads the file and
-skips every (task, length, sample_id) already there, so an interrupted run
-continues where it stopped; delete a file to redo a method.
+skips every sample already there, so an interrupted run continues where it
+stopped. A record is reused only when it answers the same sample (task, length,
+sample_id and ``sample_hash``: prompt tokens, references, generation budget,
+scoring) under the same run settings (``run_key``: model, dtype, context, RoPE;
+:func:`run_settings`). Batch size and device are not part of the key.
+
+A file that holds records of other settings (another seed, depth grid, needle,
+chat template, ``max_new_tokens``, dtype, model or RoPE scaling, or records from
+before the keys existed) is never mixed with new ones: :func:`run_eval` refuses
+to start (:class:`StaleResultsError`, before running anything) unless
+``overwrite=True``, which deletes the result files of the methods it runs.
+Records of the same settings for samples not in this run (a grid extended, or
+run in parts) are kept.
 
 Generation is greedy (``do_sample=False``) up to each sample's budget, stopping
 at the tokenizer's end-of-sequence token. Samples of one length are batched
@@ -45,11 +56,16 @@ from ..integrations.transformers import disable, enable, selection_report, spars
 from ..methods import MethodSpec
 from ..methods.registry import LAYERS_SPARSE
 from .prompts import Sample
-from .results import read_results, record_key, result_path
+from .results import read_results, record_key, result_path, settings_key, stale_reason
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
+Stage = Callable[[str], None]
+
+
+class StaleResultsError(ValueError):
+    """A results file holds records of other settings than the run would write."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,8 @@ def run_eval(
     batch_size: int = 1,
     meta: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    stage: Stage | None = None,
+    overwrite: bool = False,
 ) -> list[EvalRun]:
     """Answer and score ``samples`` with each method; append records to the result files.
 
@@ -83,31 +101,90 @@ def run_eval(
         out_dir: results folder.
         batch_size: samples per generate call (same length only).
         meta: extra settings written to ``<eval>/meta.json``.
-        progress: called as ``progress(method_label, done, total)`` after each batch.
+        progress: called as ``progress(method_label, done, total)``: first after the
+            method's first warm-up, then after each batch.
+        stage: called with a one-line message before each untimed warm-up.
+        overwrite: delete the result files of ``methods`` first instead of resuming them.
 
     Returns:
         One :class:`EvalRun` per method.
+
+    Raises:
+        StaleResultsError: (without ``overwrite``) a method's file holds records of
+            other settings; nothing has run.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     keys = [s.key for s in samples]
     if len(set(keys)) != len(keys):
         raise ValueError("samples have duplicate (task, length, sample_id) keys")
+    settings = run_settings(loaded)
+    run_key = settings_key(settings)
+    paths = [result_path(out_dir, eval_name, spec) for spec in methods]
+    if overwrite:
+        for path in paths:
+            path.unlink(missing_ok=True)
+    done_by_method = _resumable(methods, paths, {s.key: s.fingerprint for s in samples}, run_key, settings)
     folder = Path(out_dir) / eval_name
     folder.mkdir(parents=True, exist_ok=True)
-    _write_meta(folder / "meta.json", loaded, eval_name, meta or {})
+    _write_meta(folder / "meta.json", loaded, eval_name, {"run_settings": settings, "run_key": run_key, **(meta or {})})
+    stamp = {"run_key": run_key, "run_settings": settings}
     runs = []
-    for spec in methods:
-        path = result_path(out_dir, eval_name, spec)
-        done = {record_key(r) for r in read_results(path) if r.get("method") == spec.label}
+    for spec, path, done in zip(methods, paths, done_by_method):
         todo = [s for s in samples if s.key not in done]
-        if progress:
-            progress(spec.label, 0, len(todo))
         if todo:
             logger.info("%s: %d samples to run, %d already in %s", spec.label, len(todo), len(done), path)
-            _run_method(loaded, eval_name, spec, todo, path, batch_size, progress)
+            _run_method(loaded, eval_name, spec, todo, path, batch_size, progress, stage, stamp)
+        elif progress:
+            progress(spec.label, 0, 0)
         runs.append(EvalRun(spec.label, path, skipped=len(samples) - len(todo), ran=len(todo)))
     return runs
+
+
+def run_settings(loaded: Any) -> dict[str, Any]:
+    """The settings besides the prompt that decide a model's answers (``run_settings``
+    in every record; their hash is ``run_key``): the model (a local path made
+    absolute, and its shape), the weight dtype, the context and RoPE parameters
+    (``--rope-scaling`` changes both)."""
+    model = loaded.model
+    config = model.config.get_text_config()
+    name = str(loaded.name)
+    if Path(name).exists():
+        name = str(Path(name).resolve())
+    shape = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    return {
+        "model": name,
+        "model_shape": [getattr(config, field, None) for field in shape],
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "rope": json.loads(json.dumps(rope, sort_keys=True, default=str)) if rope else None,
+    }
+
+
+def _resumable(
+    methods: list[MethodSpec],
+    paths: list[Path],
+    expected: dict[tuple[str, int, int], str],
+    run_key: str,
+    settings: dict[str, Any],
+) -> list[set[tuple[str, int, int]]]:
+    """The finished sample keys of each method; StaleResultsError if any file holds
+    records of other settings (checked for every method before any runs)."""
+    done, stale = [], []
+    for spec, path in zip(methods, paths):
+        records = [r for r in read_results(path) if r.get("method") == spec.label]
+        reason = stale_reason(records, expected, run_key, settings)
+        if reason:
+            stale.append(f"{path} holds {reason}")
+        done.append({record_key(r) for r in records})
+    if stale:
+        more = f" (and {len(stale) - 1} more file(s))" if len(stale) > 1 else ""
+        raise StaleResultsError(
+            f"results folder holds results of other settings: {stale[0]}{more}; "
+            "use another --out folder, or --overwrite to discard these methods' results"
+        )
+    return done
 
 
 def _batches(samples: list[Sample], batch_size: int) -> Iterable[list[Sample]]:
@@ -128,6 +205,8 @@ def _run_method(
     path: Path,
     batch_size: int,
     progress: Progress | None,
+    stage: Stage | None,
+    stamp: dict[str, Any],
 ) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     num_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
@@ -147,11 +226,15 @@ def _run_method(
         with path.open("a", encoding="utf-8") as out:
             for batch in batches:
                 if batch[0].length not in warm:
+                    if stage:
+                        stage(f"{spec.label}: warming up at {batch[0].length} tokens ...")
                     # Untimed warm-up at this shape: kernel compilation and autotuning.
                     _generate(model, tokenizer, batch, max_new_tokens=1)
                     if selects:
                         selection_report(model, clear=True)
                     warm.add(batch[0].length)
+                    if progress and done == 0:
+                        progress(spec.label, 0, len(samples))
                 texts, prefill_s = _generate(model, tokenizer, batch, max_new_tokens=max(s.max_new_tokens for s in batch))
                 prefills = selection_report(model, clear=True) if selects else []
                 records = prefills[0] if prefills else {}
@@ -161,6 +244,7 @@ def _run_method(
                         row.update(_kept(records, layers, b, sample.num_tokens, window))
                     row["model"] = loaded.name
                     row["num_layers"] = num_layers
+                    row.update(sample_hash=sample.fingerprint, **stamp)
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 out.flush()
                 done += len(batch)
