@@ -165,13 +165,13 @@ def test_report_on_mismatched_grids_uses_common_samples_and_says_so(tmp_path, ca
     assert "only the 1 sample(s) all 2 methods ran" in warning
     assert "dense: 3 of 4 left out (niah_essay@1024 x3 at depths 0.33, 0.67, 1.00)" in warning
     assert f"{SPARSE}: 2 of 3 left out (niah_essay@1024 x2 at depths 0.50, 1.00)" in warning
-    assert main(["report", str(folder), "--no-plots"]) == 0
+    assert main(["report", str(folder), "--out", str(folder), "--no-plots"]) == 0
     text = (folder / "report.md").read_text()
     assert "> **Warning:** the methods ran on different samples" in text
     assert "different samples" in capsys.readouterr().err
     # no common sample at all: an error, not an empty table
     (folder / "sparse.jsonl").write_text(json.dumps(_keyed(SPARSE, 2048, 0, 0.0)) + "\n")
-    assert main(["report", str(folder), "--no-plots"]) == 2
+    assert main(["report", str(folder), "--out", str(folder), "--no-plots"]) == 2
     assert "share no sample" in capsys.readouterr().err
 
 
