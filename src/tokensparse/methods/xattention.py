@@ -298,6 +298,10 @@ def _block_scores(query, key, lens, stride, block_size, scale) -> torch.Tensor:
     group = num_heads // num_kv_heads
     scale = head_dim**-0.5 if scale is None else scale
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    # Half-precision inputs multiply in their own dtype (tensor cores, fp32 accumulation
+    # inside the matmul) and softmax in fp32: 16x the fp32 matmul rate on Hopper, and
+    # the estimate only ranks blocks.
+    mm_dtype = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else acc
     nb = num_blocks(seq_len, block_size)
     tile = block_size // stride  # reshaped rows (and columns) per block
     reshaped_len = nb * tile
@@ -307,13 +311,13 @@ def _block_scores(query, key, lens, stride, block_size, scale) -> torch.Tensor:
     for k0 in range(0, num_kv_heads, kv_step):
         k1 = min(k0 + kv_step, num_kv_heads)
         heads = slice(k0 * group, k1 * group)
-        k_r = _strided_rows(key[:, k0:k1], lens[:, heads][:, ::group], stride, nb * block_size, acc, reverse=False)
-        q_r = _strided_rows(query[:, heads], lens[:, heads], stride, nb * block_size, acc, reverse=True)
+        k_r = _strided_rows(key[:, k0:k1], lens[:, heads][:, ::group], stride, nb * block_size, mm_dtype, reverse=False)
+        q_r = _strided_rows(query[:, heads], lens[:, heads], stride, nb * block_size, mm_dtype, reverse=True)
         q_r = q_r.view(batch, k1 - k0, group, reshaped_len, -1)
         for r0 in range(0, reshaped_len, row_step):
             r1 = min(r0 + row_step, reshaped_len)
             probs = _reshaped_softmax(
-                q_r[..., r0:r1, :], k_r[:, :, :r1], r0, reshaped_valid[:, heads], scale / stride
+                q_r[..., r0:r1, :], k_r[:, :, :r1], r0, reshaped_valid[:, heads], scale / stride, acc
             )  # (B, nH, r1 - r0, r1)
             scores[:, heads, r0 // tile : r1 // tile, : r1 // tile] = probs.view(
                 batch, (k1 - k0) * group, (r1 - r0) // tile, tile, r1 // tile, tile
@@ -350,7 +354,7 @@ def _strided_rows(x, lens, stride, padded, acc, *, reverse) -> torch.Tensor:
     return full.reshape(batch, heads, padded // stride, stride * dim)
 
 
-def _reshaped_softmax(q_r, k_r, row0, reshaped_valid, scale) -> torch.Tensor:
+def _reshaped_softmax(q_r, k_r, row0, reshaped_valid, scale, acc) -> torch.Tensor:
     """Causal softmax of reshaped query rows ``row0 ..`` over reshaped key rows.
 
     q_r: (B, nK, G, R, S*D); k_r: (B, nK, C, S*D) with C = row0 + R (later columns are
@@ -359,7 +363,7 @@ def _reshaped_softmax(q_r, k_r, row0, reshaped_valid, scale) -> torch.Tensor:
     """
     batch, kv_heads, group, rows, width = q_r.shape
     cols = k_r.shape[2]
-    logits = torch.matmul(q_r.reshape(batch, kv_heads, group * rows, width), k_r.transpose(-1, -2))
+    logits = torch.matmul(q_r.reshape(batch, kv_heads, group * rows, width), k_r.transpose(-1, -2)).to(acc)
     logits = logits.view(batch, kv_heads * group, rows, cols).mul_(scale)
     r = torch.arange(row0, row0 + rows, device=q_r.device)
     c = torch.arange(cols, device=q_r.device)
