@@ -14,10 +14,13 @@ on a grid of ``block_size`` tokens aligned at the first real token: at most
 ``3 * block_size`` keys per row, so the cost is linear in the length (at 128K
 and block 64 it is 0.3% of dense causal attention's FLOPs).
 
-:func:`sink_local_attention` runs the block-sparse Triton kernel
-(:mod:`tokensparse.kernels.block_sparse`) with that fixed pattern on CUDA, and
-:func:`sink_local_attention_torch`, a banded PyTorch version, elsewhere; the
-two are tested against each other and against a dense masked reference.
+:func:`fill_dropped_rows` (from :mod:`tokensparse.kernels.local_rows`) writes
+that attention in place into the rows a head dropped, leaving the kept rows of
+Token Sparse Attention's output as they are: a Triton kernel with the fixed
+pattern on CUDA, a banded PyTorch version elsewhere. :func:`sink_local_attention`
+computes it for every row into a new tensor. :func:`sink_local_pattern` is the
+same pattern as block lists for :mod:`tokensparse.kernels.block_sparse` (tests
+check the kernels against its dense expansion).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import block_sparse
+from .kernels.local_rows import fill_dropped_rows, fill_dropped_rows_torch
 
 
 def sink_local_pattern(num_blocks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,35 +65,8 @@ def sink_local_attention(
     Returns:
         (B, H, L, Dv) in the query's dtype.
     """
-    if block_size < 16 or block_size % 16:
-        raise ValueError(f"block_size must be a positive multiple of 16, got {block_size}")
-    if not block_sparse.use_triton(query, backend):
-        return sink_local_attention_torch(query, key, value, block_size, scale=scale, seq_lens=seq_lens)
-    batch, num_heads, seq_len, _ = query.shape
-    if seq_lens is not None and bool((seq_lens < seq_len).any()):
-        # The kernel's grid starts at row 0: move each sequence's real tokens to the
-        # front (padding at the end is what its per-head lengths handle), then back.
-        shift = (seq_len - seq_lens)[:, None, None, None]
-        pos = (torch.arange(seq_len, device=query.device)[None, None, :, None] + shift) % seq_len
-
-        def front(t: torch.Tensor) -> torch.Tensor:
-            return t.gather(2, pos.expand(-1, t.shape[1], -1, t.shape[3]))
-
-        lens = seq_lens[:, None].expand(batch, num_heads).contiguous()
-        out_front = _sink_local_kernel(front(query), front(key), front(value), block_size, scale, lens, backend)
-        out = torch.empty_like(out_front)
-        return out.scatter_(2, pos.expand(-1, num_heads, -1, out.shape[3]), out_front)
-    return _sink_local_kernel(query, key, value, block_size, scale, None, backend)
-
-
-def _sink_local_kernel(query, key, value, block_size, scale, lens, backend) -> torch.Tensor:
-    batch, num_heads, seq_len, _ = query.shape
-    block_idx, block_cnt = sink_local_pattern(block_sparse.num_blocks(seq_len, block_size), query.device)
-    return block_sparse.block_sparse_attention(
-        query, key, value,
-        block_idx.expand(batch, num_heads, -1, -1), block_cnt.expand(batch, num_heads, -1).contiguous(),
-        block_size, seq_lens=lens, scale=scale, backend=backend,
-    )
+    out = query.new_empty(*query.shape[:3], value.shape[-1])
+    return fill_dropped_rows(out, query, key, value, None, block_size, scale=scale, seq_lens=seq_lens, backend=backend)
 
 
 def sink_local_attention_torch(
@@ -106,49 +83,8 @@ def sink_local_attention_torch(
     Banded: each query block meets only its three key blocks, so time and memory
     are linear in the length.
     """
-    batch, num_heads, seq_len, head_dim = query.shape
-    num_kv_heads, dim_v = key.shape[1], value.shape[-1]
-    group = num_heads // num_kv_heads
-    scale = head_dim**-0.5 if scale is None else scale
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    device = query.device
-    lens = torch.full((batch,), seq_len, device=device) if seq_lens is None else seq_lens.to(device)
-    pad = (seq_len - lens).long()  # left padding: real token t sits at position pad + t
-    nb = block_sparse.num_blocks(seq_len, block_size)
-    # Work on the real tokens moved to the front and padded at the end to nb blocks.
-    total = nb * block_size
-    pos = torch.arange(total, device=device)
-    src = (pos[None, :] + pad[:, None]).clamp(max=seq_len - 1)  # (B, total)
-    real = pos[None, :] < lens[:, None]  # (B, total)
-
-    def take(t: torch.Tensor) -> torch.Tensor:
-        return t.to(acc).gather(2, src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
-
-    q = take(query).view(batch, num_kv_heads, group, nb, block_size, head_dim)
-    k = take(key).view(batch, num_kv_heads, nb, block_size, head_dim)
-    v = take(value).view(batch, num_kv_heads, nb, block_size, dim_v)
-    blocks = torch.arange(nb, device=device)
-    prev = (blocks - 1).clamp(min=0)
-    # Key slots per query block: [sink block, previous block, own block]; a slot that
-    # repeats a later one (block 0 or 1) is masked so no key counts twice.
-    k3 = torch.cat([k[:, :, :1].expand(-1, -1, nb, -1, -1), k[:, :, prev], k], dim=3)
-    v3 = torch.cat([v[:, :, :1].expand(-1, -1, nb, -1, -1), v[:, :, prev], v], dim=3)
-    slot_ok = torch.stack([blocks >= 2, blocks >= 1, torch.ones_like(blocks, dtype=torch.bool)], dim=-1)  # (nb, 3)
-    key_pos = torch.cat([pos[:block_size].expand(nb, -1), (prev * block_size)[:, None] + pos[:block_size],
-                         (blocks * block_size)[:, None] + pos[:block_size]], dim=-1)  # (nb, 3 * bs)
-    query_pos = (blocks * block_size)[:, None] + pos[:block_size]  # (nb, bs)
-    allowed = slot_ok.repeat_interleave(block_size, dim=-1)[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])
-    allowed = allowed[None] & (key_pos[None, :, None, :] < lens[:, None, None, None])  # (B, nb, bs, 3bs)
-    logits = torch.einsum("bkgnqd,bknsd->bkgnqs", q, k3) * scale
-    logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    out = torch.einsum("bkgnqs,bknsd->bkgnqd", probs, v3).reshape(batch, num_heads, total, dim_v)
-    out = out.masked_fill(~real[:, None, :, None], 0.0)
-    # Back to the caller's positions: real token t goes to pad + t.
-    dest = (pos[None, :] + pad[:, None]).clamp(max=seq_len)  # (B, total); past the end -> spare column
-    result = torch.zeros(batch, num_heads, seq_len + 1, dim_v, dtype=query.dtype, device=device)
-    result.scatter_(2, dest[:, None, :, None].expand(-1, num_heads, -1, dim_v), out.to(query.dtype))
-    return result[:, :, :seq_len]
+    out = query.new_empty(*query.shape[:3], value.shape[-1])
+    return fill_dropped_rows_torch(out, query, key, value, None, block_size, scale=scale, seq_lens=seq_lens)
 
 
-__all__ = ["sink_local_attention", "sink_local_attention_torch", "sink_local_pattern"]
+__all__ = ["sink_local_attention", "sink_local_attention_torch", "sink_local_pattern", "fill_dropped_rows"]
