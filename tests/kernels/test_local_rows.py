@@ -78,6 +78,7 @@ CASES = [
     (2, 4, 1, 100, 32, 32, [100, 61]),  # GQA 4, left padding not a multiple of the block
     (2, 6, 2, 45, 16, 16, [45, 3]),  # GQA 3, fewer than 3 blocks, a sequence shorter than a block
     (1, 4, 2, 160, 16, 16, [150]),  # many blocks, padding of 10
+    (1, 8, 1, 100, 16, 48, [90]),  # GQA 8, a block that is not a power of two
 ]
 
 
@@ -188,3 +189,6 @@ def test_validates_arguments():
         fill_dropped_rows(out[:, :1], q, q, q, None, 16)
     with pytest.raises(ValueError, match="kept_idx must be"):
         fill_dropped_rows(out, q, q, q, torch.zeros(1, 3, 4, dtype=torch.long), 16)
+    if CAN_RUN:
+        with pytest.raises(ValueError, match="BLOCK_M"):
+            fill_dropped_rows(out, q, q, q, None, 16, backend="triton", tiles=(24, 16, 4, 1))

@@ -17,27 +17,29 @@ def _local_rows_fwd(
     num_kv_heads, group, total_len, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PATTERN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PATTERN_BLOCK: tl.constexpr, ROWS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KEPT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tl.static_assert(PATTERN_BLOCK % BLOCK_M == 0)
+    tl.static_assert(PATTERN_BLOCK % ROWS == 0)
     tl.static_assert(PATTERN_BLOCK % BLOCK_N == 0)
-    # The heads of one KV group run side by side (axis 0 is the fastest), so each
-    # K/V tile comes from DRAM once and from L2 for the other heads and tiles.
-    tile = tl.program_id(0) // group
-    h_in_group = tl.program_id(0) % group
+    # One program: ROWS positions of every query head of one KV group (GQA packed
+    # into the tile's rows, row r = head r // ROWS, position r % ROWS), so each K/V
+    # tile is loaded once for the whole group and the dots are GROUP_PAD x taller.
+    tile = tl.program_id(0)
     b = (tl.program_id(1) // num_kv_heads).to(tl.int64)
     kvh = (tl.program_id(1) % num_kv_heads).to(tl.int64)
-    h = kvh * group + h_in_group
     seq_len = tl.load(SeqLens + b)
     pad = total_len - seq_len
     # Tiles are aligned at the first real token (the pattern's grid); the first
     # ``pad_tiles`` tiles hold padding only (t < 0), written as zeros.
-    pad_tiles = tl.cdiv(pad, BLOCK_M)
-    t0 = (tile - pad_tiles) * BLOCK_M
-    offs_t = t0 + tl.arange(0, BLOCK_M)  # real-token index of each row
+    pad_tiles = tl.cdiv(pad, ROWS)
+    t0 = (tile - pad_tiles) * ROWS
+    offs_r = tl.arange(0, GROUP_PAD * ROWS)
+    head_ok = (offs_r // ROWS) < group
+    h = kvh * group + offs_r // ROWS  # (M,) query head of each row
+    offs_t = t0 + offs_r % ROWS  # real-token index of each row
     pos = pad + offs_t  # its position in the padded sequence
-    in_seq = (pos >= 0) & (offs_t < seq_len)
+    in_seq = head_ok & (pos >= 0) & (offs_t < seq_len)
 
     # -- rows to write: every row not kept (padding included) --
     if HAS_KEPT:
@@ -53,22 +55,22 @@ def _local_rows_fwd(
     qb = tl.maximum(t0, 0) // PATTERN_BLOCK
     num_sink = tl.where(busy & (qb >= 2), PATTERN_BLOCK // BLOCK_N, 0)
     lo = tl.maximum(qb - 1, 0) * PATTERN_BLOCK
-    hi = tl.minimum(t0 + BLOCK_M, seq_len)
+    hi = tl.minimum(t0 + ROWS, seq_len)
     num_band = tl.where(busy, tl.cdiv(hi - lo, BLOCK_N), 0)
 
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_row = pos.to(tl.int64)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_row[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + offs_row[:, None] * stride_qm + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=real[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if UPCAST:  # the CPU interpreter multiplies bf16 bit patterns as integers in tl.dot
         q = q.to(tl.float32)
     k_head = K + b * stride_kb + kvh * stride_kh + pad.to(tl.int64) * stride_kn
     v_head = V + b * stride_vb + kvh * stride_vh + pad.to(tl.int64) * stride_vn
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([GROUP_PAD * ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD * ROWS], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD * ROWS, BLOCK_DV], dtype=tl.float32)
     for i in range(0, num_sink + num_band):
         start_n = tl.where(i < num_sink, i * BLOCK_N, lo + (i - num_sink) * BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -95,5 +97,5 @@ def _local_rows_fwd(
     # -- normalise; padding rows get zeros; only the rows to write are stored --
     l_safe = tl.where(real & (l_i > 0), l_i, 1.0)
     acc = tl.where(real[:, None], acc / l_safe[:, None], 0.0)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_row[:, None] * stride_om + offs_dv[None, :] * stride_od
+    o_ptrs = Out + b * stride_ob + h[:, None] * stride_oh + offs_row[:, None] * stride_om + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=write[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
