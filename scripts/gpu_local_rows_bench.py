@@ -41,8 +41,7 @@ def sweep(length=131072, ratio=0.5) -> dict:
     sel = select_tokens(q, k, TokenSparseConfig(budget="keep_ratio", keep_ratio=ratio))
     out = torch.zeros(1, 32, length, 128, device="cuda", dtype=torch.bfloat16)
     times = {}
-    for tiles in [(64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2),
-                  (64, 32, 4, 2), (16, 64, 4, 2)]:
+    for tiles in [(128, 32, 4, 3), (128, 32, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (256, 32, 8, 2), (64, 32, 4, 3)]:
         try:
             t = time_fn(lambda: fill_dropped_rows(out, q, k, v, sel.kept_idx, 64, tiles=tiles), torch.device("cuda"),
                         warmup=2, min_reps=10, budget_ms=300).median_ms
