@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .config import TokenSparseConfig
 from .kernels import ops_for
 from .ops import check_inputs, dense_causal_attention
+from .local_attention import fill_dropped_rows
 from .selection import TokenSelection, select_tokens
 
 
@@ -141,24 +142,11 @@ def attend_selected(
     out = _attend_kept(query, key, value, selection, scale=scale, backend=backend, layout=layout, inner=inner)
     if config is None or config.dropped_rows == "zero":
         return out
-    return _fill_dropped_rows(out, query, key, value, selection, scale=scale, backend=backend, layout=layout,
-                              block_size=config.local_block)
-
-
-def _fill_dropped_rows(out, query, key, value, selection, *, scale, backend, layout, block_size) -> torch.Tensor:
-    from .local_attention import sink_local_attention
-
-    batch, num_heads, seq_len, _ = query.shape
-    local = sink_local_attention(
-        query, key, value, block_size, scale=scale, seq_lens=selection.seq_lens, backend=backend
+    fill_dropped_rows(
+        out.transpose(1, 2) if layout == "blhd" else out, query, key, value, selection.kept_idx, config.local_block,
+        scale=scale, seq_lens=selection.seq_lens, backend=backend,
     )
-    # kept_idx is padded with seq_len: one spare column takes those writes.
-    kept = torch.zeros(batch, num_heads, seq_len + 1, dtype=torch.bool, device=query.device)
-    kept.scatter_(2, selection.kept_idx, True)
-    kept = kept[..., :seq_len, None]
-    if layout == "blhd":
-        return torch.where(kept.transpose(1, 2), out, local.transpose(1, 2))
-    return torch.where(kept, out, local)
+    return out
 
 
 def _attend_kept(query, key, value, selection, *, scale, backend, layout, inner) -> torch.Tensor:

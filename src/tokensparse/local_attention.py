@@ -14,18 +14,21 @@ on a grid of ``block_size`` tokens aligned at the first real token: at most
 ``3 * block_size`` keys per row, so the cost is linear in the length (at 128K
 and block 64 it is 0.3% of dense causal attention's FLOPs).
 
-:func:`sink_local_attention` runs the block-sparse Triton kernel
-(:mod:`tokensparse.kernels.block_sparse`) with that fixed pattern on CUDA, and
-:func:`sink_local_attention_torch`, a banded PyTorch version, elsewhere; the
-two are tested against each other and against a dense masked reference.
+:func:`fill_dropped_rows` (from :mod:`tokensparse.kernels.local_rows`) writes
+that attention in place into the rows a head dropped, leaving the kept rows of
+Token Sparse Attention's output as they are: a Triton kernel with the fixed
+pattern on CUDA, a banded PyTorch version elsewhere. :func:`sink_local_attention`
+computes it for every row into a new tensor. :func:`sink_local_pattern` is the
+same pattern as block lists for :mod:`tokensparse.kernels.block_sparse` (tests
+check the kernels against its dense expansion).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .kernels import TORCH_OPS, block_sparse, ops_for
-from .padding import front_to_left, left_to_front
+from .kernels import block_sparse, ops_for
+from .kernels.local_rows import fill_dropped_rows_torch
 
 
 def sink_local_pattern(num_blocks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,24 +66,42 @@ def sink_local_attention(
     Returns:
         (B, H, L, Dv) in the query's dtype.
     """
-    if block_size < 16 or block_size % 16:
-        raise ValueError(f"block_size must be a positive multiple of 16, got {block_size}")
-    ops = ops_for(query, backend)
-    if ops is TORCH_OPS:
-        # The banded version, linear in L (the block-sparse reference is dense).
-        return sink_local_attention_torch(query, key, value, block_size, scale=scale, seq_lens=seq_lens)
-    batch, num_heads, seq_len, _ = query.shape
-    block_idx, block_cnt = sink_local_pattern(block_sparse.num_blocks(seq_len, block_size), query.device)
-    block_idx = block_idx.expand(batch, num_heads, -1, -1)
-    block_cnt = block_cnt.expand(batch, num_heads, -1).contiguous()
-    if seq_lens is None or not bool((seq_lens < seq_len).any()):
-        return ops.block_sparse_attention(query, key, value, block_idx, block_cnt, block_size, scale=scale)
-    # The kernel's grid starts at row 0: the real tokens go to the front (padding
-    # at the end is what its per-head lengths handle), and the rows come back.
-    lens = seq_lens[:, None].expand(batch, num_heads).contiguous()
-    q, k, v = left_to_front(query, key, value, seq_lens=seq_lens)
-    out = ops.block_sparse_attention(q, k, v, block_idx, block_cnt, block_size, seq_lens=lens, scale=scale)
-    return front_to_left(out, seq_lens, seq_len)
+    out = query.new_empty(*query.shape[:3], value.shape[-1])
+    return fill_dropped_rows(out, query, key, value, None, block_size, scale=scale, seq_lens=seq_lens, backend=backend)
+
+
+def fill_dropped_rows(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kept_idx: torch.Tensor | None,
+    block_size: int,
+    *,
+    scale: float | None = None,
+    seq_lens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sink + local attention written in place into the rows of ``out`` that ``kept_idx`` does not list.
+
+    Args:
+        out: (B, H, L, Dv), any strides (the ``.transpose(1, 2)`` of a (B, L, H, Dv)
+            tensor works); kept rows are left untouched bit for bit.
+        query: (B, H, L, D); key: (B, Hkv, L, D); value: (B, Hkv, L, Dv).
+        kept_idx: (B, H, K) kept positions (entries equal to L are padding), or
+            None to write every row.
+        block_size: the pattern's block, a positive multiple of 16.
+        scale: softmax scale, default 1 / sqrt(D).
+        seq_lens: optional (B,) real tokens per sequence, padding on the left.
+        backend: "auto", "triton" or "torch", chosen by :func:`tokensparse.kernels.ops_for`.
+
+    Returns:
+        ``out``. No output-sized buffer is allocated (the Triton kernel skips
+        kept rows by a (B, H, L + 1) bool mask).
+    """
+    return ops_for(query, backend).fill_dropped_rows(
+        out, query, key, value, kept_idx, block_size, scale=scale, seq_lens=seq_lens
+    )
 
 
 def sink_local_attention_torch(
@@ -97,40 +118,8 @@ def sink_local_attention_torch(
     Banded: each query block meets only its three key blocks, so time and memory
     are linear in the length.
     """
-    batch, num_heads, seq_len, head_dim = query.shape
-    num_kv_heads, dim_v = key.shape[1], value.shape[-1]
-    group = num_heads // num_kv_heads
-    scale = head_dim**-0.5 if scale is None else scale
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    device = query.device
-    lens = torch.full((batch,), seq_len, device=device) if seq_lens is None else seq_lens.to(device)
-    nb = block_sparse.num_blocks(seq_len, block_size)
-    # Work on the real tokens moved to the front and padded at the end to nb blocks.
-    total = nb * block_size
-    pos = torch.arange(total, device=device)
-    q, k, v = left_to_front(query.to(acc), key.to(acc), value.to(acc), seq_lens=lens, length=total)
-    q = q.view(batch, num_kv_heads, group, nb, block_size, head_dim)
-    k = k.view(batch, num_kv_heads, nb, block_size, head_dim)
-    v = v.view(batch, num_kv_heads, nb, block_size, dim_v)
-    blocks = torch.arange(nb, device=device)
-    prev = (blocks - 1).clamp(min=0)
-    # Key slots per query block: [sink block, previous block, own block]; a slot that
-    # repeats a later one (block 0 or 1) is masked so no key counts twice.
-    k3 = torch.cat([k[:, :, :1].expand(-1, -1, nb, -1, -1), k[:, :, prev], k], dim=3)
-    v3 = torch.cat([v[:, :, :1].expand(-1, -1, nb, -1, -1), v[:, :, prev], v], dim=3)
-    slot_ok = torch.stack([blocks >= 2, blocks >= 1, torch.ones_like(blocks, dtype=torch.bool)], dim=-1)  # (nb, 3)
-    key_pos = torch.cat([pos[:block_size].expand(nb, -1), (prev * block_size)[:, None] + pos[:block_size],
-                         (blocks * block_size)[:, None] + pos[:block_size]], dim=-1)  # (nb, 3 * bs)
-    query_pos = (blocks * block_size)[:, None] + pos[:block_size]  # (nb, bs)
-    allowed = slot_ok.repeat_interleave(block_size, dim=-1)[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])
-    allowed = allowed[None] & (key_pos[None, :, None, :] < lens[:, None, None, None])  # (B, nb, bs, 3bs)
-    logits = torch.einsum("bkgnqd,bknsd->bkgnqs", q, k3) * scale
-    logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    out = torch.einsum("bkgnqs,bknsd->bkgnqd", probs, v3).reshape(batch, num_heads, total, dim_v)
-    # Back to the caller's positions; rows past a sequence's length (NaN for an
-    # empty one, whose keys are all masked) are dropped there.
-    return front_to_left(out.to(query.dtype), lens, seq_len)
+    out = query.new_empty(*query.shape[:3], value.shape[-1])
+    return fill_dropped_rows_torch(out, query, key, value, None, block_size, scale=scale, seq_lens=seq_lens)
 
 
-__all__ = ["sink_local_attention", "sink_local_attention_torch", "sink_local_pattern"]
+__all__ = ["sink_local_attention", "sink_local_attention_torch", "sink_local_pattern", "fill_dropped_rows"]

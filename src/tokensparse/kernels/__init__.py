@@ -29,6 +29,7 @@ import torch
 from . import reference
 from ._launch import interpreting
 from .block_sparse import block_sparse_attention_ref
+from .local_rows import fill_dropped_rows_torch
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class StageOps:
     Signatures are the references': ``reference.window_mass_ref``,
     ``gather_kept_ref``, ``scatter_kept_ref``, ``top_k_per_head_ref`` and
     ``block_sparse.block_sparse_attention_ref`` (keywords ``seq_lens``,
-    ``scale``, ``out`` in common with the Triton launcher). ``attend_kept``
+    ``scale``, ``out`` in common with the Triton launcher),
+    ``local_rows.fill_dropped_rows_torch`` (writes ``out`` in place). ``attend_kept``
     (compress + attend + decompress, see
     :func:`tokensparse.kernels.pipeline.attend_kept`) is optional: ``None``
     means the caller's PyTorch path.
@@ -52,6 +54,7 @@ class StageOps:
     scatter_kept: Callable[..., torch.Tensor]
     top_k: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     block_sparse_attention: Callable[..., torch.Tensor]
+    fill_dropped_rows: Callable[..., torch.Tensor]
     attend_kept: Callable[..., torch.Tensor] | None = None
 
 
@@ -62,6 +65,7 @@ TORCH_OPS = StageOps(
     scatter_kept=reference.scatter_kept_ref,
     top_k=reference.top_k_per_head_ref,
     block_sparse_attention=block_sparse_attention_ref,
+    fill_dropped_rows=fill_dropped_rows_torch,
 )
 
 
@@ -73,6 +77,7 @@ def _triton_ops() -> StageOps | None:
         return None
     from .block_sparse import block_sparse_attention
     from .gather import gather_kept
+    from .local_rows import fill_dropped_rows_triton
     from .pipeline import attend_kept
     from .scatter import scatter_kept
     from .topk import top_k_per_head
@@ -85,6 +90,7 @@ def _triton_ops() -> StageOps | None:
         scatter_kept=_with_fallback(scatter_kept, reference.scatter_kept_ref),
         top_k=top_k_per_head,
         block_sparse_attention=block_sparse_attention,
+        fill_dropped_rows=_with_fallback(fill_dropped_rows_triton, fill_dropped_rows_torch),
         attend_kept=attend_kept,
     )
 
