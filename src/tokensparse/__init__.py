@@ -13,8 +13,6 @@ Public API:
     format_selection_report  a per-layer table of one recorded prefill
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from . import methods, models
 from .attention import token_sparse_attention
 from .config import TokenSparseConfig
@@ -22,11 +20,7 @@ from .integrations.transformers import disable, enable, selection_report
 from .plan import LayerPlan, build_plan
 from .report import format_selection_report, summarize_selection
 from .selection import TokenSelection, select_tokens
-
-try:
-    __version__ = version("tokensparse")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+local"
+from .version import __version__
 
 __all__ = [
     "models",

@@ -397,7 +397,7 @@ def profile_model(
     Run the model with dense attention (call this before :func:`tokensparse.enable`
     or after :func:`tokensparse.disable`).
     """
-    from . import __version__
+    from .version import __version__
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, L), got {tuple(input_ids.shape)}")

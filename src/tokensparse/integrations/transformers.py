@@ -26,6 +26,7 @@ import torch
 from ..config import TokenSparseConfig
 from ..log import reset_warnings, warn_once
 from ..methods import MethodSpec
+from ..methods.registry import LAYERS_SPARSE
 from ..plan import LayerPlan, build_plan
 from ..selection import TokenSelection
 from .hf import (
@@ -33,6 +34,7 @@ from .hf import (
     attention_layers,
     attention_layers_checked,
     detach,
+    left_padding_from_mask,
     num_hidden_layers,
     own_attention,
     prefill_guard,
@@ -214,14 +216,16 @@ def sparse_attention_forward(
 
     entry = state.plan.entry(module.layer_idx)
     seq_len = key.shape[2]
-    if entry is None or query.shape[2] == 1 or seq_len < entry.min_length:
+    if entry is None or query.shape[2] == 1:
         return own()
     method = entry.spec.method
-    if method.runs_dense(entry.spec.config, seq_len):
+    if seq_len < entry.min_length or method.runs_dense(entry.spec.config, seq_len):
+        _record_dense(state, module, query, key, attention_mask, entry)
         return own()
     key_padding_mask, reason = prefill_guard(module, query, key, attention_mask, dropout, kwargs)
     if reason is not None:
         warn_once(logger, f"{reason}: running the model's own attention ({state.previous_attn})")
+        _record_dense(state, module, query, key, attention_mask, entry)
         return own()
     out, stats = method.prefill(
         query, key, value, entry.spec.config, scale=scaling, key_padding_mask=key_padding_mask, layout="blhd"
@@ -239,6 +243,25 @@ def sparse_attention_forward(
     if out is None:
         return own()
     return out, None
+
+
+def _record_dense(state: _ModelState, module, query, key, attention_mask, entry) -> None:
+    """With recording on, a prefill that a token-selecting layer ran densely is recorded as
+    such (every head keeps every real token), so a report lists every sparse layer."""
+    if not state.record or entry.spec.method.layers != LAYERS_SPARSE or query.shape[2] != key.shape[2]:
+        return
+    batch, num_heads, seq_len = query.shape[0], query.shape[1], key.shape[2]
+    real = None if attention_mask is None else left_padding_from_mask(attention_mask, seq_len)
+    seq_lens = [seq_len] * batch if real is None else real.sum(-1).tolist()
+    state.add(
+        LayerRecord(
+            layer=module.layer_idx,
+            seq_lens=seq_lens,
+            num_kept=[[n] * num_heads for n in seq_lens],
+            dropped_mass=[[0.0] * num_heads for _ in seq_lens],
+            dense=[True] * batch,
+        )
+    )
 
 
 # Tests and tools may reset the once-only warnings.
