@@ -25,7 +25,9 @@ def test_kept_shares_per_layer_and_model_left_dense():
     for row in half["layers"].values():
         assert abs(row["kept_mean"] - 108 / 200) < 1e-6 and row["kept_min"] == row["kept_max"]
     assert half["max_abs_logit_diff"] > 0
-    assert full["layers"] == {} and full["kept_mean_all_layers"] == 0  # keep_ratio 1 runs dense: nothing selected
+    # keep_ratio 1 runs dense: every sparse layer is recorded as dense, keeping everything.
+    assert set(full["layers"]) == {"0", "1", "2", "3"} and full["kept_mean_all_layers"] == 1.0
+    assert all(row["dense"] and row["kept_mean"] == 1.0 for row in full["layers"].values())
     assert full["max_abs_logit_diff"] < 1e-4 and full["next_token_same_as_dense"]
     assert half["config"]["keep_ratio"] == 0.5
     with pytest.raises(ValueError, match="not enabled"):  # disabled again

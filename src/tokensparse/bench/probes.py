@@ -34,8 +34,8 @@ def kept_shares(
         ``{"prompt_tokens", "dense_seconds", "settings": {name: {"config",
         "seconds", "next_token_same_as_dense", "max_abs_logit_diff", "layers":
         {layer: {"kept_mean", "kept_min", "kept_max", "dropped_max", "dense"}},
-        "kept_mean_all_layers"}}}`` (``layers`` empty where no sparse layer
-        selected tokens); seconds are wall-clock forward passes.
+        "kept_mean_all_layers"}}}`` (a layer that ran dense keeps every token);
+        seconds are wall-clock forward passes.
     """
     dense_logits, dense_s = _last_logits(model, input_ids)
     settings = {}
@@ -44,7 +44,6 @@ def kept_shares(
         try:
             logits, seconds = _last_logits(model, input_ids)
             recorded = selection_report(model, clear=True)
-            # Nothing recorded: every sparse layer ran dense before selecting (e.g. a short prompt).
             prefill = recorded[-1] if recorded else {}
         finally:
             disable(model)
