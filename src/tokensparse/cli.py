@@ -135,13 +135,27 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated method specs run beside dense (default token_sparse:keep_ratio=0.25)")
     f.add_argument("--rope-scaling", type=float, default=None, help="YaRN factor for a loaded model (e.g. 16)")
     f.add_argument("--profile", default=None, help="layer profile JSON (default: the shipped one, if any)")
-    f.add_argument("--min-length", type=int, default=0, help="length gate: shorter prefills run dense")
+    f.add_argument("--min-lengths", type=_int_list, default=[0],
+                   help="length gates to run every method at (shorter prefills run dense; default 0: no gate)")
     f.add_argument("--warmup", type=int, default=1)
     f.add_argument("--reps", type=int, default=2)
     f.add_argument("--device", default=None)
     f.add_argument("--out", default="runs/bench/prefill.json", help="JSON output (default: runs/bench/prefill.json)")
     f.add_argument("--plot", default=None)
     f.set_defaults(run=_run_bench_prefill)
+
+    o = bench.add_parser("overhead", help="one layer's fixed cost: GPU vs host time, launches, syncs")
+    o.add_argument("--methods", default="token_sparse:keep_ratio=0.5,token_sparse:coverage=0.02,dropped_rows=local",
+                   type=_methods, help="comma-separated method specs (dense is always measured)")
+    o.add_argument("--lengths", type=_int_list, default=[16384, 65536])
+    o.add_argument("--heads", type=int, default=9, help="query heads (default 9, the embedded SmolLM2)")
+    o.add_argument("--kv-heads", type=int, default=3)
+    o.add_argument("--head-dim", type=int, default=64)
+    o.add_argument("--inputs", default="realistic", choices=["random", "structured", "realistic"])
+    o.add_argument("--device", default=None)
+    o.add_argument("--out", default="runs/bench/overhead.json")
+    o.add_argument("--plot", default=None)
+    o.set_defaults(run=_run_bench_overhead)
 
 
 def _int_list(text: str) -> list[int]:
@@ -242,10 +256,20 @@ def _run_bench_prefill(args: argparse.Namespace) -> int:
     lengths = args.lengths or ([8192, 32768, 131072] if on_gpu else [2048, 4096])
     cfg = PrefillBenchConfig(
         model=args.model, lengths=tuple(lengths), batch=args.batch, methods=tuple(s.label for s in args.methods),
-        rope_scaling=args.rope_scaling, profile=args.profile, min_length=args.min_length,
+        rope_scaling=args.rope_scaling, profile=args.profile, min_lengths=tuple(args.min_lengths),
         warmup=args.warmup, min_reps=args.reps, device=args.device,
     )
     return _run_bench(run_prefill_bench, cfg, args, plot_prefill, summary_lines)
+
+
+def _run_bench_overhead(args: argparse.Namespace) -> int:
+    from .bench.overhead import OverheadBenchConfig, plot_overhead, run_overhead_bench, summary_lines
+
+    cfg = OverheadBenchConfig(
+        methods=tuple(s.label for s in args.methods), lengths=tuple(args.lengths), num_heads=args.heads,
+        num_kv_heads=args.kv_heads, head_dim=args.head_dim, inputs=args.inputs, device=args.device,
+    )
+    return _run_bench(run_overhead_bench, cfg, args, plot_overhead, summary_lines)
 
 
 # ---------------------------------------------------------------- profile

@@ -96,3 +96,32 @@ def test_bench_prefill_cli_tiny_model(tmp_path):
     assert row["outside_attention_ms"] > 0 and all("attention_ms" in e for e in modes.values())
     assert modes["dense"]["speedup_vs_dense"] == 1.0
     assert (tmp_path / "prefill.png").stat().st_size > 0
+
+
+def test_bench_prefill_length_gate(tmp_path):
+    """Every method runs at each gate; above the prompt length the gate leaves every layer dense."""
+    out = tmp_path / "prefill.json"
+    spec = "token_sparse:keep_ratio=0.5,window=16,min_tokens=16"
+    assert main([
+        "bench", "prefill", "--device", "cpu", "--model", "tiny-random", "--lengths", "160", "--methods", spec,
+        "--min-lengths", "0,1000", "--warmup", "0", "--reps", "1", "--out", str(out),
+    ]) == 0
+    modes = json.loads(out.read_text())["results"][0]["modes"]
+    label = parse_method(spec).label
+    assert set(modes) == {"dense", label, f"{label} @ 1000"}
+    assert modes[label]["mean_kept_share"] < 0.9
+    assert modes[f"{label} @ 1000"]["mean_kept_share"] == 1.0 and modes[f"{label} @ 1000"]["min_length"] == 1000
+
+
+def test_bench_overhead_cli_tiny(tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    spec = "token_sparse:keep_ratio=0.5,window=16,min_tokens=16"
+    assert main([
+        "bench", "overhead", "--device", "cpu", "--lengths", "200", "--heads", "4", "--kv-heads", "2",
+        "--head-dim", "16", "--methods", spec, "--out", str(out),
+    ]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    entry = row["methods"][parse_method(spec).label]
+    assert row["dense"]["lone_ms"] > 0 and entry["lone_ms"] > 0 and entry["host_ms"] > 0
+    assert "over_dense_ms" in entry and "gpu_ms" not in entry  # GPU time and profiler counts are CUDA only
+    assert (tmp_path / "overhead.png").stat().st_size > 0

@@ -45,7 +45,8 @@ class PrefillBenchConfig:
         rope_scaling: YaRN factor for a loaded model (prompts past its context).
         profile: layer profile JSON for the sparse layers (default: the model's
             shipped profile, else the second half of the layers).
-        min_length: the plan's length gate (prefills shorter run dense).
+        min_lengths: length gates; every method runs at each (prefills shorter
+            run dense; 0: no gate), labelled ``spec @ N`` for N > 0.
     """
 
     model: str | None = None
@@ -54,7 +55,7 @@ class PrefillBenchConfig:
     methods: tuple[str, ...] = ("token_sparse:keep_ratio=0.25",)
     rope_scaling: float | None = None
     profile: str | None = None
-    min_length: int = 0
+    min_lengths: tuple[int, ...] = (0,)
     warmup: int = 1
     min_reps: int = 2
     budget_ms: float = 1.0  # long runs: min_reps decides
@@ -65,6 +66,8 @@ class PrefillBenchConfig:
         parse_methods(list(self.methods) or ["dense"])  # raises ValueError naming a bad spec
         if not self.lengths or any(n < 1 for n in self.lengths):
             raise ValueError(f"lengths must be positive, got {self.lengths}")
+        if not self.min_lengths or any(n < 0 for n in self.min_lengths):
+            raise ValueError(f"min_lengths must be >= 0, got {self.min_lengths}")
 
 
 def llama_8b_config(num_layers: int = 32):
@@ -151,9 +154,13 @@ def run_prefill_bench(
     say(f"building {name} on {device}")
     model, vocab = build_model(name, device, cfg.rope_scaling)
     specs = parse_methods(["dense", *cfg.methods])
+    # (label, spec, gate) of every run; dense once.
+    runs = [("dense", specs[0], 0)] + [
+        (spec.label + (f" @ {gate}" if gate else ""), spec, gate) for spec in specs[1:] for gate in cfg.min_lengths
+    ]
     plans = {}
     for spec in specs[1:]:
-        enable(model, spec, profile=cfg.profile, min_length=cfg.min_length)
+        enable(model, spec, profile=cfg.profile)
         plans[spec.label] = [(label, layers) for label, layers in plan_of(model).describe()]
         disable(model)
 
@@ -170,13 +177,13 @@ def run_prefill_bench(
 
             row: dict[str, Any] = {"seq_len": length, "batch": cfg.batch, "modes": {}}
             row["outside_attention_ms"] = _outside_attention_ms(model, prefill, device, cfg)
-            for spec in specs:
-                entry = _time_method(model, spec, prefill, device, cfg)
+            for label, spec, gate in runs:
+                entry = _time_method(model, spec, gate, prefill, device, cfg)
                 entry["attention_ms"] = entry["ttft_ms"] - row["outside_attention_ms"]
-                row["modes"][spec.label] = entry
+                row["modes"][label] = entry
                 share = entry.get("mean_kept_share")
                 say(
-                    f"L={length:>7} {spec.label:<40} TTFT {entry['ttft_ms']:10.1f} ms"
+                    f"L={length:>7} {label:<40} TTFT {entry['ttft_ms']:10.1f} ms"
                     f"  attention {entry['attention_ms']:9.1f} ms"
                     + (f"  kept {share:6.1%} on sparse layers" if share is not None else "")
                 )
@@ -192,20 +199,20 @@ def run_prefill_bench(
     return {"meta": meta, "config": asdict(cfg), "results": results}
 
 
-def _time_method(model, spec, prefill, device: torch.device, cfg: PrefillBenchConfig) -> dict[str, Any]:
-    """TTFT, peak memory and the kept shares of one method (dense: the model as loaded)."""
-    entry: dict[str, Any] = {"spec": spec.label}
+def _time_method(model, spec, gate: int, prefill, device: torch.device, cfg: PrefillBenchConfig) -> dict[str, Any]:
+    """TTFT, peak memory and the kept shares of one method at one length gate (dense: the model as loaded)."""
+    entry: dict[str, Any] = {"spec": spec.label, "min_length": gate}
     warmup = cfg.warmup
     if spec.method.prefill is not None:
         # A recorded run (it syncs to copy the kept counts) doubles as warm-up.
-        enable(model, spec, profile=cfg.profile, record=True, min_length=cfg.min_length)
+        enable(model, spec, profile=cfg.profile, record=True, min_length=gate)
         prefill()
         report = selection_report(model, clear=True)
         if report:
             last = report[-1]
             entry["kept_share_by_layer"] = {str(k): v.mean_kept_share for k, v in last.items()}
             entry["mean_kept_share"] = sum(v.mean_kept_share for v in last.values()) / max(len(last), 1)
-        enable(model, spec, profile=cfg.profile, record=False, min_length=cfg.min_length)
+        enable(model, spec, profile=cfg.profile, record=False, min_length=gate)
         warmup = max(cfg.warmup - 1, 0)
     try:
         if device.type == "cuda":
