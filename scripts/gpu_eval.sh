@@ -27,7 +27,7 @@
 # run EVALS=niah and EVALS=ruler in two calls); stage times are printed.
 set -euo pipefail
 
-OUT=${OUT:-results}
+OUT=${OUT:-runs}
 MODEL=${TOKENSPARSE_GGUF:-smollm2}
 BATCH=${BATCH:-128}
 HAYSTACKS=${HAYSTACKS:-essay}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# H200 recipe of the method registry / whole-model prefill work, in stages that each fit one
+# device call (10 min). Every stage writes under $OUT/<stage>/ (default runs/gpu) and logs.
+#
+#   OUT=$OUT bash scripts/gpu_session.sh kernels    GPU tests, one layer at 128K (every method side by
+#                                                   side, Llama-3.1-8B shapes), one layer's fixed cost
+#                                                   at the embedded model's shapes (16K, 64K)
+#   OUT=$OUT bash scripts/gpu_session.sh prefill    time to first token: the embedded model (real weights,
+#                                                   YaRN x16, 4K-128K) and Llama-3.1-8B (random weights)
+#   OUT=$OUT bash scripts/gpu_session.sh ruler      RULER 4K/8K on the embedded model, $EVAL_METHODS
+#   OUT=$OUT bash scripts/gpu_session.sh niah       NIAH 1K-8K on the embedded model, $EVAL_METHODS
+#
+# TOKENSPARSE_GGUF: path of SmolLM2-135M-Instruct.Q4_1.gguf (prefill, ruler, niah).
+set -uo pipefail
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-runs/gpu}
+STAGE=${1:?stage: kernels, prefill, ruler or niah}
+PY=${PYTHON:-python3}
+GGUF=${TOKENSPARSE_GGUF:-smollm2}
+mkdir -p "$OUT/$STAGE"
+LOG="$OUT/$STAGE/run.log"
+# Token sparse on the layers the sensitivity profile finds safe (KL <= 1e-3 on the embedded
+# model), a block-sparse method on the other layers; local rows.
+SAFE=${SAFE:-3-6;9-13;15-16;18-29}
+REC_FP="token_sparse+flexprefill:coverage=0.02,dropped_rows=local,sparse_layers=$SAFE"
+REC_XA="token_sparse+xattention:coverage=0.02,dropped_rows=local,sparse_layers=$SAFE"
+EVAL_METHODS=${EVAL_METHODS:-"dense,flexprefill,xattention,token_sparse+xattention:keep_ratio=0.5,dropped_rows=local,$REC_FP,$REC_XA"}
+
+{
+$PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__, 'transformers', transformers.__version__)"
+case "$STAGE" in
+kernels)
+    timeout 150 $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider
+    timeout 300 $PY -m tokensparse.cli bench attention --lengths 131072 --batch 1 --inputs realistic --budget-ms 300 \
+        --methods "dense,token_sparse:keep_ratio=0.5,token_sparse:keep_ratio=0.5,dropped_rows=local,token_sparse:keep_ratio=0.25,token_sparse:keep_ratio=0.25,dropped_rows=local,flexprefill,xattention,token_sparse+flexprefill:keep_ratio=0.5,dropped_rows=local,token_sparse+xattention:keep_ratio=0.5,dropped_rows=local,token_sparse+xattention:coverage=0.005,dropped_rows=local" \
+        --out "$OUT/kernels/attention.json"
+    timeout 120 $PY -m tokensparse.cli bench overhead --lengths 16384,65536 \
+        --methods "token_sparse:keep_ratio=0.5,token_sparse:keep_ratio=0.5,dropped_rows=local,token_sparse:coverage=0.02,dropped_rows=local,flexprefill,xattention,token_sparse+flexprefill:coverage=0.02,dropped_rows=local" \
+        --out "$OUT/kernels/overhead.json"
+    ;;
+prefill)
+    timeout 330 $PY -m tokensparse.cli bench prefill --model "$GGUF" --rope-scaling 16 \
+        --lengths 4096,8192,16384,32768,65536,131072 --min-lengths "${GATES:-0,32768}" \
+        --methods "token_sparse,$REC_FP,$REC_XA" --out "$OUT/prefill/smollm2.json"
+    timeout 200 $PY -m tokensparse.cli bench prefill --model llama-3.1-8b-random --lengths 32768,131072 \
+        --methods "token_sparse:keep_ratio=0.25,sparse_layers=2-31,token_sparse:keep_ratio=0.25,sparse_layers=2-31,dropped_rows=local" \
+        --out "$OUT/prefill/llama8b.json"
+    ;;
+ruler)
+    timeout 560 $PY -m tokensparse.cli eval ruler --model "$GGUF" --methods "$EVAL_METHODS" --out "$OUT/eval" \
+        --tasks synthetic --lengths 4096,8192 --samples 10 --batch-size 128 --no-report --no-progress
+    ;;
+niah)
+    timeout 400 $PY -m tokensparse.cli eval niah --model "$GGUF" --methods "$EVAL_METHODS" --out "$OUT/eval" \
+        --lengths 1024,2048,3072,4096,5120,6144,7168,8192 --depths 10 --haystack essay --batch-size 128 \
+        --no-report --no-progress
+    ;;
+*) echo "unknown stage $STAGE"; exit 2 ;;
+esac
+} 2>&1 | tee "$LOG"
+# The device returns at most 8 files: one archive of the stage.
+(cd "$OUT" && tar czf "../$STAGE.tgz" . && rm -rf ./* && mv "../$STAGE.tgz" .)
