@@ -145,7 +145,7 @@ def _profile_layers(
             raise ValueError(
                 f"profile was measured on a model of {loaded.model.num_layers} layers, this model has {num_layers}"
             )
-        if loaded.model != ModelIdentity.from_model(model):
+        if not loaded.model.same_architecture(ModelIdentity.from_model(model)):
             _warn_once(f"the profile was measured on {loaded.model.name or loaded.model.architecture!r}, "
                        "a model with a different identity; using its layers anyway")
         return loaded.sparse_layers
