@@ -356,7 +356,7 @@ def plot_sensitivity(profile: SensitivityProfile, path: str | os.PathLike, max_k
     chosen = set(safe_layers(profile, max_kl=max_kl)) if max_kl is not None else set()
     # A KL of exactly 0 has no place on a log axis; draw it at a visible floor.
     floor = min([x for x in profile.kl if x > 0], default=1e-6) / 10
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * n), 3.8))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * n), 4.0))
     ax.bar(range(n), [max(x, floor) for x in profile.kl],
            color=["tab:blue" if i in chosen else "tab:gray" for i in range(n)])
     ax.set_yscale("log")
@@ -372,7 +372,9 @@ def plot_sensitivity(profile: SensitivityProfile, path: str | os.PathLike, max_k
     right.plot(range(n), profile.top1, "o", color="tab:red", markersize=4)
     right.set_ylim(0, 1.02)
     right.set_ylabel("top-1 agreement")
-    ax.legend(handles, labels, fontsize=8, loc="lower right")
+    # Below the axes: inside, it would hide the bars or the top-1 markers.
+    ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(labels),
+              frameon=False)
     ax.set_title(f"{profile.model.name or profile.model.architecture}: {profile.length} tokens, "
                  f"last {profile.positions} positions; {config_label(profile.config)}", fontsize=9)
     ax.set_xticks(range(n))
