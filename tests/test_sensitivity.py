@@ -116,12 +116,15 @@ def test_keeping_every_token_through_the_sparse_path_changes_little():
     assert all(0.0 <= x < 1e-8 for x in kl) and top1 == [1.0, 1.0, 1.0]
 
 
-def test_model_is_left_dense():
+def test_model_is_left_dense_and_measured_from_dense():
     model = tiny_llama(2)
     ids = calib_ids()
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    sens.measure_sensitivity(model, ids, CONFIG, positions=POSITIONS)
+    expected = sens.measure_sensitivity(model, ids, CONFIG, positions=POSITIONS)
+    assert model.config._attn_implementation == "sdpa"
+    tokensparse.enable(model, CONFIG.replace(sparse_layers=(0, 1)))
+    assert sens.measure_sensitivity(model, ids, CONFIG, positions=POSITIONS) == expected
     assert model.config._attn_implementation == "sdpa"
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)

@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .config import TokenSparseConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,7 +363,7 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_with_overrides(base, text: str):
+def _config_with_overrides(base: TokenSparseConfig, text: str) -> TokenSparseConfig:
     """``base`` with the fields of ``'key=value,...'`` replaced (values: None, int, float or text).
 
     Switching ``budget`` clears the base's keep_ratio / keep_tokens unless they are given too.

@@ -220,7 +220,8 @@ def measure_sensitivity(
     """Per-layer (KL, top-1 agreement) of ``model`` with only that layer sparse.
 
     Args:
-        model: a transformers causal LM running dense attention; it is left dense
+        model: a transformers causal LM; a token-sparse setting enabled on it is
+            switched off first (the reference is dense), and it is left dense
             (:func:`tokensparse.disable`) afterwards.
         input_ids: (1, L) token ids; L must exceed ``config.window + config.min_tokens``
             so that the config drops tokens.
@@ -238,6 +239,7 @@ def measure_sensitivity(
     _check_inputs(input_ids, config, positions)
     num_layers = len(decoder_layers(model))
     input_ids = input_ids.to(next(model.parameters()).device)
+    disable(model)
     reference = last_logits(model, input_ids, positions)
     kl: list[float] = []
     top1: list[float] = []
