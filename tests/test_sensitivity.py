@@ -12,6 +12,7 @@ import torch
 
 import tokensparse
 from tokensparse import TokenSparseConfig
+from tokensparse import calibrate as calib
 from tokensparse import profile as prof
 from tokensparse import sensitivity as sens
 from tiny_models import tiny_llama
@@ -38,7 +39,7 @@ def calib_ids(length=LENGTH):
 @pytest.fixture(scope="module")
 def tiny_profile():
     model = tiny_llama(4)
-    return sens.sensitivity_profile(model, calib_ids(), CONFIG, positions=POSITIONS)
+    return calib.sensitivity_profile(model, calib_ids(), CONFIG, positions=POSITIONS)
 
 
 def make_profile(kl, top1=None):
@@ -58,16 +59,16 @@ def test_logit_change_matches_float64_definition():
     other = ref + 0.5 * torch.randn(5, 11, generator=gen)
     other[2] = ref[2] + 3.0  # a shift changes no probability
     other[4, ref[4].argmax()] -= 100.0  # another top token at position 4
-    kl, top1 = sens.logit_change(ref, other)
+    kl, top1 = calib.logit_change(ref, other)
     p = torch.softmax(ref.double(), -1)
     q = torch.softmax(other.double(), -1)
     expected = [float((p[i] * (p[i] / q[i]).log()).sum()) for i in range(5)]
     assert expected[2] == pytest.approx(0.0, abs=1e-12)
     assert kl == pytest.approx(sum(expected) / 5, rel=1e-12)
     assert top1 == (ref.argmax(-1) == other.argmax(-1)).double().mean().item() and top1 < 1.0
-    assert sens.logit_change(ref, ref.clone()) == (0.0, 1.0)
+    assert calib.logit_change(ref, ref.clone()) == (0.0, 1.0)
     with pytest.raises(ValueError, match="N, V"):
-        sens.logit_change(ref, other[:4])
+        calib.logit_change(ref, other[:4])
 
 
 def test_profile_values_are_finite_and_nonnegative(tiny_profile):
@@ -104,7 +105,7 @@ def test_one_layer_matches_a_full_logits_reference(tiny_profile):
 ])
 def test_keep_all_config_gives_zero(keep_all):
     model = tiny_llama(3)
-    kl, top1 = sens.measure_sensitivity(model, calib_ids(), keep_all, positions=POSITIONS)
+    kl, top1 = calib.measure_sensitivity(model, calib_ids(), keep_all, positions=POSITIONS)
     assert kl == [0.0, 0.0, 0.0] and top1 == [1.0, 1.0, 1.0]
 
 
@@ -112,7 +113,7 @@ def test_keeping_every_token_through_the_sparse_path_changes_little():
     """keep_tokens = the whole prefix runs selection and gathered attention, not the dense shortcut."""
     model = tiny_llama(3)
     keep_all = CONFIG.replace(budget="keep_tokens", keep_ratio=None, keep_tokens=LENGTH - CONFIG.window)
-    kl, top1 = sens.measure_sensitivity(model, calib_ids(), keep_all, positions=POSITIONS)
+    kl, top1 = calib.measure_sensitivity(model, calib_ids(), keep_all, positions=POSITIONS)
     assert all(0.0 <= x < 1e-8 for x in kl) and top1 == [1.0, 1.0, 1.0]
 
 
@@ -121,10 +122,10 @@ def test_model_is_left_dense_and_measured_from_dense():
     ids = calib_ids()
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    expected = sens.measure_sensitivity(model, ids, CONFIG, positions=POSITIONS)
+    expected = calib.measure_sensitivity(model, ids, CONFIG, positions=POSITIONS)
     assert model.config._attn_implementation == "sdpa"
     tokensparse.enable(model, CONFIG.replace(sparse_layers=(0, 1)))
-    assert sens.measure_sensitivity(model, ids, CONFIG, positions=POSITIONS) == expected
+    assert calib.measure_sensitivity(model, ids, CONFIG, positions=POSITIONS) == expected
     assert model.config._attn_implementation == "sdpa"
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
@@ -133,7 +134,6 @@ def test_model_is_left_dense_and_measured_from_dense():
 @pytest.mark.parametrize("case, match", [
     ({"length": CONFIG.window + CONFIG.min_tokens}, "min_tokens"),
     ({"config": CONFIG.replace(sparse_layers=(1,))}, "sparse_layers"),
-    ({"config": CONFIG.replace(attention="flexprefill")}, "attention"),
     ({"positions": 0}, "positions"),
     ({"positions": LENGTH + 1}, "positions"),
 ])
@@ -141,9 +141,9 @@ def test_bad_inputs(case, match):
     model = tiny_llama(2)
     ids = calib_ids(case.get("length", LENGTH))
     with pytest.raises(ValueError, match=match):
-        sens.measure_sensitivity(model, ids, case.get("config", CONFIG), positions=case.get("positions", POSITIONS))
+        calib.measure_sensitivity(model, ids, case.get("config", CONFIG), positions=case.get("positions", POSITIONS))
     with pytest.raises(ValueError, match="shape"):
-        sens.measure_sensitivity(model, ids.repeat(2, 1), CONFIG)
+        calib.measure_sensitivity(model, ids.repeat(2, 1), CONFIG)
 
 
 def test_default_config_drops_three_quarters_at_4096():

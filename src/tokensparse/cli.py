@@ -388,8 +388,8 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
         format_sensitivity_table,
         plot_sensitivity,
         safe_layers,
-        sensitivity_profile,
     )
+    from .calibrate import sensitivity_profile
 
     config = _config_with_overrides(DEFAULT_CONFIG, args.config)
     text, source = _calibration_text(args.calibration)

@@ -7,7 +7,9 @@ layer's prefill runs, or ``None`` for the model's own attention. It is built by
 
 For a method that runs on sparse layers (``token_sparse`` and its compositions)
 those layers come from, in this order: the config's ``sparse_layers``; the
-``profile`` argument; a profile shipped with the package whose model identity
+``profile`` argument (a drift profile: its calm layers; a sensitivity profile,
+or ``"sensitivity"`` for the one shipped for the model: the layers whose KL is
+at most 1e-3); a drift profile shipped with the package whose model identity
 matches; else the second half of the layers (the paper's fallback), with a
 warning once. The other layers run what the method names for them (the inner
 method of a composition, the model's own attention for plain token sparse).
@@ -27,7 +29,10 @@ from typing import Any
 from .log import warn_once
 from .methods import MethodSpec, as_spec
 from .methods.registry import LAYERS_SPARSE
-from .profile import LayerProfile, ModelIdentity, find_profile, load_profile
+from .profile import LayerProfile, ModelIdentity, find_profile, load_profile, profile_kind, read_profile_json
+from .sensitivity import DEFAULT_MAX_KL, SENSITIVITY_KIND, SensitivityProfile, find_sensitivity_profile, safe_layers
+
+SHIPPED_SENSITIVITY = "sensitivity"
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +115,9 @@ def build_plan(
         method: a spec string, a :class:`MethodSpec`, or a method config
             (e.g. a :class:`tokensparse.TokenSparseConfig`).
         num_layers: number of decoder layers (default: read from the model).
-        profile: a layer profile (object or JSON path) for the sparse layers, when
-            the method's config does not name them.
+        profile: for the sparse layers, when the method's config does not name
+            them: a drift or sensitivity profile (object or JSON path), or
+            ``"sensitivity"`` for the sensitivity profile shipped for the model.
         min_length: the length gate, for every entry or per method name.
     """
     spec = as_spec(method)
@@ -148,9 +154,25 @@ def _num_layers(model: Any) -> int:
     return count
 
 
-def _profile_layers(model: Any, profile: "LayerProfile | str | os.PathLike | None", num_layers: int) -> tuple[int, ...]:
+def _load_any_profile(model: Any, profile: Any) -> "LayerProfile | SensitivityProfile":
+    if profile == SHIPPED_SENSITIVITY:
+        found = find_sensitivity_profile(model) if model is not None else None
+        if found is None:
+            raise ValueError(
+                "no sensitivity profile is shipped for this model; run `tokensparse sensitivity --model NAME_OR_PATH` "
+                "and pass profile=PATH"
+            )
+        return found
+    if isinstance(profile, (LayerProfile, SensitivityProfile)):
+        return profile
+    if profile_kind(read_profile_json(profile)) == SENSITIVITY_KIND:
+        return SensitivityProfile.load(profile)
+    return load_profile(profile)
+
+
+def _profile_layers(model: Any, profile: Any, num_layers: int) -> tuple[int, ...]:
     if profile is not None:
-        loaded = load_profile(profile)
+        loaded = _load_any_profile(model, profile)
         if loaded.model.num_layers != num_layers:
             raise ValueError(
                 f"profile was measured on a model of {loaded.model.num_layers} layers, this model has {num_layers}"
@@ -158,6 +180,8 @@ def _profile_layers(model: Any, profile: "LayerProfile | str | os.PathLike | Non
         if model is not None and not loaded.model.same_architecture(ModelIdentity.from_model(model)):
             warn_once(logger, f"the profile was measured on {loaded.model.name or loaded.model.architecture!r}, "
                       "a model with a different identity; using its layers anyway")
+        if isinstance(loaded, SensitivityProfile):
+            return safe_layers(loaded, max_kl=DEFAULT_MAX_KL)
         return loaded.sparse_layers
     shipped = find_profile(model) if model is not None else None
     if shipped is not None:

@@ -1,0 +1,94 @@
+"""Layer plans: which method runs in which decoder layer, and the length gate."""
+
+import pytest
+import torch
+
+import tokensparse
+from tokensparse.methods import parse_method
+from tokensparse.plan import LayerPlan, build_plan
+from tokensparse.sensitivity import SensitivityProfile
+from tokensparse.profile import ModelIdentity
+
+from tiny_models import tiny_llama
+
+SPARSE = "token_sparse:keep_ratio=0.5,window=16,min_tokens=16"
+
+
+def labels(plan: LayerPlan) -> list[str | None]:
+    return [None if e is None else e.spec.name for e in plan.layers]
+
+
+def test_token_sparse_on_its_layers_the_models_own_attention_elsewhere():
+    plan = build_plan(None, SPARSE + ",sparse_layers=1;3", num_layers=4)
+    assert labels(plan) == [None, "token_sparse", None, "token_sparse"]
+    assert plan.sparse_layers == (1, 3) and plan.method == parse_method(SPARSE + ",sparse_layers=1;3")
+
+
+def test_a_composition_runs_its_inner_method_on_the_other_layers():
+    plan = build_plan(None, "token_sparse+flexprefill:sparse_layers=2-3,gamma=0.9", num_layers=4)
+    assert labels(plan) == ["flexprefill", "flexprefill", "token_sparse+flexprefill", "token_sparse+flexprefill"]
+    assert plan.layers[0].spec.config.gamma == 0.9  # the inner method's settings reach the other layers
+    assert plan.describe()[0] == (plan.layers[0].spec.label, [0, 1])
+
+
+def test_block_sparse_methods_run_everywhere_and_dense_nowhere():
+    assert labels(build_plan(None, "xattention", num_layers=3)) == ["xattention"] * 3
+    assert labels(build_plan(None, "dense", num_layers=3)) == [None] * 3
+    with pytest.raises(ValueError, match="takes no profile"):
+        build_plan(None, "flexprefill", num_layers=3, profile="p.json")
+
+
+def test_plan_errors_name_the_problem():
+    with pytest.raises(ValueError, match="beyond the model's 4 layers"):
+        build_plan(None, SPARSE + ",sparse_layers=4", num_layers=4)
+    with pytest.raises(ValueError, match="not both"):
+        build_plan(None, SPARSE + ",sparse_layers=1", num_layers=4, profile="p.json")
+    with pytest.raises(ValueError, match="num_layers"):
+        build_plan(None, SPARSE)
+    with pytest.raises(ValueError, match="min_length"):
+        build_plan(None, SPARSE + ",sparse_layers=1", num_layers=4, min_length=-1)
+
+
+def test_length_gate_per_method():
+    plan = build_plan(None, "token_sparse+xattention:sparse_layers=1", num_layers=3,
+                      min_length={"token_sparse+xattention": 4096, "xattention": 65536})
+    assert [e.min_length for e in plan.layers] == [65536, 4096, 65536]
+    assert [e.min_length for e in plan.with_min_length(100).layers] == [100, 100, 100]
+
+
+def test_gated_prefill_is_the_models_own_and_recorded_dense():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 160))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        tokensparse.enable(model, SPARSE + ",sparse_layers=0-3", record=True, min_length=161)
+        gated = model(input_ids=ids).logits
+        tokensparse.enable(model, SPARSE + ",sparse_layers=0-3", record=True, min_length=160)
+        sparse = model(input_ids=ids).logits
+    assert torch.equal(gated, ref) and not torch.equal(sparse, ref)
+    (prefill,) = tokensparse.selection_report(model)
+    assert min(r.mean_kept_share for r in prefill.values()) < 1.0
+
+
+def test_sensitivity_profile_chooses_the_safe_layers(tmp_path):
+    model = tiny_llama()
+    profile = SensitivityProfile(
+        model=ModelIdentity.from_model(model), length=512, positions=8, config={},
+        kl=(0.5, 1e-4, 2e-3, 1e-3), top1=(0.5, 1.0, 1.0, 1.0), calibration="test", calibration_sha256="0",
+        version="0", device="cpu", dtype="float32",
+    )
+    path = profile.save(tmp_path / "s.json")
+    for given in (profile, path):
+        plan = build_plan(model, SPARSE, profile=given)
+        assert plan.sparse_layers == (1, 3)  # KL at most 1e-3
+    with pytest.raises(ValueError, match="no sensitivity profile is shipped"):
+        build_plan(model, SPARSE, profile="sensitivity")
+
+
+def test_enable_takes_a_ready_plan():
+    model = tiny_llama()
+    plan = build_plan(model, SPARSE + ",sparse_layers=2")
+    tokensparse.enable(model, plan)
+    assert tokensparse.integrations.transformers.plan_of(model) is plan
+    with pytest.raises(ValueError, match="the plan has 4 layers, the model 3"):
+        tokensparse.enable(tiny_llama(3), plan)
