@@ -92,3 +92,15 @@ def test_enable_takes_a_ready_plan():
     assert tokensparse.integrations.transformers.plan_of(model) is plan
     with pytest.raises(ValueError, match="the plan has 4 layers, the model 3"):
         tokensparse.enable(tiny_llama(3), plan)
+
+
+def test_auto_gate_is_the_measured_crossover_of_each_method():
+    from tokensparse.plan import measured_min_lengths
+
+    table = measured_min_lengths()
+    plan = build_plan(None, "token_sparse+flexprefill:sparse_layers=1", num_layers=3, min_length="auto")
+    assert [e.min_length for e in plan.layers] == [table["flexprefill"], table["token_sparse+flexprefill"],
+                                                   table["flexprefill"]]
+    assert all(n > 0 for n in table.values())
+    with pytest.raises(ValueError, match="'auto'"):
+        build_plan(None, "xattention", num_layers=2, min_length="soon")

@@ -139,8 +139,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated method specs run beside dense (default token_sparse:keep_ratio=0.25)")
     f.add_argument("--rope-scaling", type=float, default=None, help="YaRN factor for a loaded model (e.g. 16)")
     f.add_argument("--profile", default=None, help="layer profile JSON (default: the shipped one, if any)")
-    f.add_argument("--min-lengths", type=_int_list, default=[0],
-                   help="length gates to run every method at (shorter prefills run dense; default 0: no gate)")
+    f.add_argument("--min-lengths", type=_gate_list, default=[0],
+                   help="length gates to run every method at: integers or 'auto' (each method's measured "
+                   "crossover); shorter prefills run dense (default 0: no gate)")
     f.add_argument("--warmup", type=int, default=1)
     f.add_argument("--reps", type=int, default=2)
     f.add_argument("--device", default=None)
@@ -164,6 +165,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def _gate_list(text: str) -> list[int | str]:
+    return [p if p == "auto" else int(p) for p in (x.strip() for x in text.split(",")) if p]
 
 
 def _float_list(text: str) -> list[float]:

@@ -16,14 +16,19 @@ method of a composition, the model's own attention for plain token sparse).
 Methods that run everywhere (``flexprefill``, ``xattention``) take every layer.
 
 Every entry may also carry a minimum prompt length: shorter prefills run the
-model's own attention with no selection work at all (the length gate).
+model's own attention with no selection work at all (the length gate);
+``min_length="auto"`` takes each method's measured crossover length
+(``data/min_lengths.json``).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .log import warn_once
@@ -33,6 +38,14 @@ from .profile import LayerProfile, ModelIdentity, find_profile, load_profile, pr
 from .sensitivity import DEFAULT_MAX_KL, SENSITIVITY_KIND, SensitivityProfile, find_sensitivity_profile, safe_layers
 
 SHIPPED_SENSITIVITY = "sensitivity"
+AUTO = "auto"
+_MIN_LENGTHS = Path(__file__).parent / "data" / "min_lengths.json"
+
+
+@functools.cache
+def measured_min_lengths() -> dict[str, int]:
+    """Method name -> the measured crossover length of the length gate (``min_length="auto"``)."""
+    return {name: int(n) for name, n in json.loads(_MIN_LENGTHS.read_text())["min_length"].items()}
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +93,14 @@ class LayerPlan:
         """Layers that run the plan's own method (the sparse layers of token sparse)."""
         return self.layers_running(self.method.name)
 
-    def with_min_length(self, min_length: int | dict[str, int]) -> "LayerPlan":
-        """The same plan with a length gate: one length for every entry, or one per method name."""
+    def with_min_length(self, min_length: "int | dict[str, int] | str") -> "LayerPlan":
+        """The same plan with a length gate: one length for every entry, one per method name,
+        or ``"auto"``: the crossover measured for each method (:func:`measured_min_lengths`)."""
+        if min_length == AUTO:
+            min_length = measured_min_lengths()
+        elif isinstance(min_length, str):
+            raise ValueError(f"min_length must be an integer >= 0, a dict of them or 'auto', got {min_length!r}")
+
         def gate(entry: LayerEntry | None) -> LayerEntry | None:
             if entry is None:
                 return None
@@ -105,7 +124,7 @@ def build_plan(
     *,
     num_layers: int | None = None,
     profile: "LayerProfile | str | os.PathLike | None" = None,
-    min_length: int | dict[str, int] = 0,
+    min_length: "int | dict[str, int] | str" = 0,
 ) -> LayerPlan:
     """The layer plan of ``method`` on ``model``.
 
@@ -118,7 +137,8 @@ def build_plan(
         profile: for the sparse layers, when the method's config does not name
             them: a drift or sensitivity profile (object or JSON path), or
             ``"sensitivity"`` for the sensitivity profile shipped for the model.
-        min_length: the length gate, for every entry or per method name.
+        min_length: the length gate: one length for every entry, one per method
+            name, or ``"auto"`` for the crossovers measured on the H200.
     """
     spec = as_spec(method)
     entry_method = spec.method
@@ -200,4 +220,4 @@ def _profile_layers(model: Any, profile: Any, num_layers: int) -> tuple[int, ...
     return fallback
 
 
-__all__ = ["LayerEntry", "LayerPlan", "build_plan"]
+__all__ = ["LayerEntry", "LayerPlan", "build_plan", "measured_min_lengths"]

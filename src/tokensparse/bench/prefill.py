@@ -46,7 +46,8 @@ class PrefillBenchConfig:
         profile: layer profile JSON for the sparse layers (default: the model's
             shipped profile, else the second half of the layers).
         min_lengths: length gates; every method runs at each (prefills shorter
-            run dense; 0: no gate), labelled ``spec @ N`` for N > 0.
+            run dense; 0: no gate; "auto": each method's measured crossover),
+            labelled ``spec @ N`` unless 0.
     """
 
     model: str | None = None
@@ -55,7 +56,7 @@ class PrefillBenchConfig:
     methods: tuple[str, ...] = ("token_sparse:keep_ratio=0.25",)
     rope_scaling: float | None = None
     profile: str | None = None
-    min_lengths: tuple[int, ...] = (0,)
+    min_lengths: tuple[int | str, ...] = (0,)
     warmup: int = 1
     min_reps: int = 2
     budget_ms: float = 1.0  # long runs: min_reps decides
@@ -66,8 +67,8 @@ class PrefillBenchConfig:
         parse_methods(list(self.methods) or ["dense"])  # raises ValueError naming a bad spec
         if not self.lengths or any(n < 1 for n in self.lengths):
             raise ValueError(f"lengths must be positive, got {self.lengths}")
-        if not self.min_lengths or any(n < 0 for n in self.min_lengths):
-            raise ValueError(f"min_lengths must be >= 0, got {self.min_lengths}")
+        if not self.min_lengths or any(n != "auto" and (not isinstance(n, int) or n < 0) for n in self.min_lengths):
+            raise ValueError(f"min_lengths must be integers >= 0 or 'auto', got {self.min_lengths}")
 
 
 def llama_8b_config(num_layers: int = 32):

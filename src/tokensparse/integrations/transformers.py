@@ -104,7 +104,7 @@ def enable(
     *,
     profile: "LayerProfile | str | os.PathLike | None" = None,
     record: bool = False,
-    min_length: int | dict[str, int] = 0,
+    min_length: "int | dict[str, int] | str" = 0,
 ) -> torch.nn.Module:
     """Switch ``model``'s prefill to a sparse attention method.
 
@@ -126,7 +126,8 @@ def enable(
         record: keep a per-prefill, per-layer, per-head record of what was kept,
             read with :func:`selection_report`. Off, nothing is copied to the host.
         min_length: the length gate: prefills with fewer tokens run the model's
-            own attention in every layer (one length, or one per method name).
+            own attention (one length, one per method name, or ``"auto"``: each
+            method's crossover length measured on the H200).
 
     Returns:
         The same model, for chaining.
