@@ -24,7 +24,9 @@ LOG="$OUT/$STAGE/run.log"
 SAFE=${SAFE:-3-6;9-13;15-16;18-29}
 REC_FP="token_sparse+flexprefill:coverage=0.02,dropped_rows=local,sparse_layers=$SAFE"
 REC_XA="token_sparse+xattention:coverage=0.02,dropped_rows=local,sparse_layers=$SAFE"
-EVAL_METHODS=${EVAL_METHODS:-"dense,flexprefill,xattention,token_sparse+xattention:keep_ratio=0.5,dropped_rows=local,$REC_FP,$REC_XA"}
+SAFE_ONLY="token_sparse:coverage=0.02,dropped_rows=local,sparse_layers=$SAFE"
+ALL_LAYERS="token_sparse:coverage=0.02,dropped_rows=local,sparse_layers=0-29"
+EVAL_METHODS=${EVAL_METHODS:-"dense,flexprefill,xattention,token_sparse+xattention:keep_ratio=0.5,dropped_rows=local,$ALL_LAYERS,$REC_FP,$REC_XA"}
 
 {
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__, 'transformers', transformers.__version__)"
@@ -39,10 +41,10 @@ kernels)
         --out "$OUT/kernels/overhead.json"
     ;;
 prefill)
-    timeout 330 $PY -m tokensparse.cli bench prefill --model "$GGUF" --rope-scaling 16 \
-        --lengths 4096,8192,16384,32768,65536,131072 --min-lengths "${GATES:-0,32768}" \
-        --methods "token_sparse,$REC_FP,$REC_XA" --out "$OUT/prefill/smollm2.json"
-    timeout 200 $PY -m tokensparse.cli bench prefill --model llama-3.1-8b-random --lengths 32768,131072 \
+    timeout 360 $PY -m tokensparse.cli bench prefill --model "$GGUF" --rope-scaling 16 \
+        --lengths 4096,8192,16384,32768,65536,131072 --min-lengths "${GATES:-0,auto}" \
+        --methods "token_sparse,$ALL_LAYERS,$SAFE_ONLY,$REC_FP,$REC_XA" --out "$OUT/prefill/smollm2.json"
+    timeout 190 $PY -m tokensparse.cli bench prefill --model llama-3.1-8b-random --lengths 32768,131072 \
         --methods "token_sparse:keep_ratio=0.25,sparse_layers=2-31,token_sparse:keep_ratio=0.25,sparse_layers=2-31,dropped_rows=local" \
         --out "$OUT/prefill/llama8b.json"
     ;;
