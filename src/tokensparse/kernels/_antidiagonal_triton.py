@@ -24,12 +24,13 @@ def _reshaped_logits(
     for i in range(STRIDE):
         q_pos = offs_r * STRIDE + (STRIDE - 1 - i)
         k_pos = offs_c * STRIDE + i
+        # int64 row offsets: position x row stride passes 2^31 past 1M tokens in (B, L, H, D).
         q = tl.load(
-            q_head + q_pos[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            q_head + q_pos.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
             mask=(q_pos[:, None] < seq_len) & d_ok, other=0.0,
         )
         k = tl.load(
-            k_head + k_pos[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            k_head + k_pos.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
             mask=(k_pos[:, None] < seq_len) & d_ok, other=0.0,
         )
         if UPCAST:  # the CPU interpreter multiplies bf16 bit patterns as integers in tl.dot

@@ -45,9 +45,9 @@ ESTIMATE_CHUNK_BYTES = 256 << 20  # the reference's reshaped fp32 logits per ste
 # reshaped columns per step. The kernel is tensor-core bound (S * D multiply-adds
 # per logit, a few flops of softmax), shaped like a GEMM whose reduction dim is S * D
 # = 1024 at S = 8, D = 128; so the CUDA tiles are a Hopper GEMM's. Not tuned on a GPU yet;
-# the fallback is for GPUs with less shared memory.
-_CUDA_TILES = (128, 128, 8, 3)
-_CUDA_FALLBACK_TILES = (128, 64, 8, 2)
+# the fallbacks, tried in turn when shared memory runs out, are for float32 inputs and
+# GPUs with less shared memory.
+_CUDA_TILES = ((128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2))
 _INTERPRETER_TILES = (32, 32, 4, 1)
 _MAX_KERNEL_TILE = 128  # largest T = block_size / stride the kernel takes
 
@@ -229,9 +229,9 @@ def antidiagonal_scores(
         chunk_bytes: the reference's memory budget, used only when the grid falls
             back to it (the kernel keeps no logits).
         tiles: (BLOCK_R, BLOCK_C, num_warps, num_stages), BLOCK_R and BLOCK_C powers
-            of two >= 16, raised to T when T is larger. Default: (128, 128, 8, 3) on
-            CUDA, (128, 64, 8, 2) when shared memory runs out; small tiles under
-            the interpreter.
+            of two >= 16, raised to T when T is larger. Default on CUDA: (128, 128,
+            8, 3), then (128, 64, 8, 2) and (64, 64, 4, 2) while shared memory runs
+            out; small tiles under the interpreter.
 
     Returns:
         (B, H, NQB, NKB) float32, ``out`` if given.
@@ -259,10 +259,13 @@ def antidiagonal_scores(
     scale = head_dim**-0.5 if scale is None else scale
     args = (query, key, out, _lengths(seq_lens, query, torch.int32), stride, block_size, scale)
     if tiles is None and query.is_cuda:
-        try:
-            _launch(*args, _CUDA_TILES)
-        except triton.runtime.errors.OutOfResources:
-            _launch(*args, _CUDA_FALLBACK_TILES)
+        for i, candidate in enumerate(_CUDA_TILES):
+            try:
+                _launch(*args, candidate)
+                break
+            except triton.runtime.errors.OutOfResources:
+                if i == len(_CUDA_TILES) - 1:
+                    raise
     else:
         _launch(*args, _INTERPRETER_TILES if tiles is None else tiles)
     return normalise_rows_(out)

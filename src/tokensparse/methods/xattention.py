@@ -10,7 +10,9 @@ Attention with Antidiagonal Scoring", arXiv 2503.16428). For every head:
    tile (r, c). Logits ``Q_r K_r^T * scale / S`` are masked causally at this
    granularity (c <= r, so the diagonal tile counts), softmaxed per row, and
    summed over the (B/S x B/S) tiles of each (query block, key block) of the
-   ``B x B`` grid. Each query block's row is normalised to sum 1.
+   ``B x B`` grid. Each query block's row is normalised to sum 1. Computed by
+   :mod:`tokensparse.kernels.antidiagonal` (a Triton kernel that never builds
+   the logits, or the PyTorch reference; ``backend`` chooses).
 2. **Threshold selection.** Per query block, the key blocks ranked by score
    (ties to the lower index) are kept until their cumulative score reaches
    ``threshold`` of the row: the ``i``-th ranked block is kept iff it and all
