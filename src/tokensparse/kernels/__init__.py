@@ -28,6 +28,7 @@ import torch
 
 from . import reference
 from ._launch import interpreting
+from .antidiagonal import antidiagonal_scores_ref
 from .block_sparse import block_sparse_attention_ref
 from .local_rows import fill_dropped_rows_torch
 
@@ -42,7 +43,9 @@ class StageOps:
     ``gather_kept_ref``, ``scatter_kept_ref``, ``top_k_per_head_ref`` and
     ``block_sparse.block_sparse_attention_ref`` (keywords ``seq_lens``,
     ``scale``, ``out`` in common with the Triton launcher),
-    ``local_rows.fill_dropped_rows_torch`` (writes ``out`` in place). ``attend_kept``
+    ``local_rows.fill_dropped_rows_torch`` (writes ``out`` in place),
+    ``antidiagonal.antidiagonal_scores_ref`` (XAttention's block scores;
+    keywords as the Triton launcher's but ``tiles``). ``attend_kept``
     (compress + attend + decompress, see
     :func:`tokensparse.kernels.pipeline.attend_kept`) is optional: ``None``
     means the caller's PyTorch path.
@@ -55,6 +58,7 @@ class StageOps:
     top_k: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     block_sparse_attention: Callable[..., torch.Tensor]
     fill_dropped_rows: Callable[..., torch.Tensor]
+    antidiagonal_scores: Callable[..., torch.Tensor]
     attend_kept: Callable[..., torch.Tensor] | None = None
 
 
@@ -66,6 +70,7 @@ TORCH_OPS = StageOps(
     top_k=reference.top_k_per_head_ref,
     block_sparse_attention=block_sparse_attention_ref,
     fill_dropped_rows=fill_dropped_rows_torch,
+    antidiagonal_scores=antidiagonal_scores_ref,
 )
 
 
@@ -75,6 +80,7 @@ def _triton_ops() -> StageOps | None:
         import triton  # noqa: F401
     except ImportError:
         return None
+    from .antidiagonal import antidiagonal_scores
     from .block_sparse import block_sparse_attention
     from .gather import gather_kept
     from .local_rows import fill_dropped_rows_triton
@@ -91,6 +97,7 @@ def _triton_ops() -> StageOps | None:
         top_k=top_k_per_head,
         block_sparse_attention=block_sparse_attention,
         fill_dropped_rows=_with_fallback(fill_dropped_rows_triton, fill_dropped_rows_torch),
+        antidiagonal_scores=_with_fallback(antidiagonal_scores, antidiagonal_scores_ref),
         attend_kept=attend_kept,
     )
 

@@ -10,7 +10,9 @@ Attention with Antidiagonal Scoring", arXiv 2503.16428). For every head:
    tile (r, c). Logits ``Q_r K_r^T * scale / S`` are masked causally at this
    granularity (c <= r, so the diagonal tile counts), softmaxed per row, and
    summed over the (B/S x B/S) tiles of each (query block, key block) of the
-   ``B x B`` grid. Each query block's row is normalised to sum 1.
+   ``B x B`` grid. Each query block's row is normalised to sum 1. Computed by
+   :mod:`tokensparse.kernels.antidiagonal` (a Triton kernel that never builds
+   the logits, or the PyTorch reference; ``backend`` chooses).
 2. **Threshold selection.** Per query block, the key blocks ranked by score
    (ties to the lower index) are kept until their cumulative score reaches
    ``threshold`` of the row: the ``i``-th ranked block is kept iff it and all
@@ -47,19 +49,19 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import ops_for
+from ..kernels.antidiagonal import ESTIMATE_CHUNK_BYTES, estimate_steps
 from ..ops import check_inputs, run_left_padded
 from .registry import Method, register_method
 from ..kernels.block_sparse import (
     block_mask_from_lists,
     lists_from_block_mask,
-    num_blocks,
     visited_share,
 )
 
 DEFAULT_THRESHOLD = 0.9
 DEFAULT_STRIDE = 8
 DEFAULT_BLOCK = 128
-_ESTIMATE_CHUNK_BYTES = 256 << 20  # reshaped fp32 logits per step
+_ESTIMATE_CHUNK_BYTES = ESTIMATE_CHUNK_BYTES  # the torch reference's logits per step
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class XAttentionConfig:
             hold, (0, 1].
         stride: antidiagonal stride S, a positive integer dividing ``block_size``.
         block_size: the pattern's block, a positive multiple of 16 and of ``stride``.
-        backend: "auto", "triton" or "torch" for the block-sparse kernel.
+        backend: "auto", "triton" or "torch" for the estimate and the block-sparse kernel.
     """
 
     threshold: float = DEFAULT_THRESHOLD
@@ -186,7 +188,8 @@ def xattention_attention(
             scale=scale, backend=backend,
         )
     pattern = estimate_xattention_pattern(
-        query, key, threshold=threshold, stride=stride, block_size=block_size, scale=scale, seq_lens=seq_lens
+        query, key, threshold=threshold, stride=stride, block_size=block_size, scale=scale, seq_lens=seq_lens,
+        backend=backend,
     )
     batch, num_heads, seq_len, _ = query.shape
     out = None
@@ -228,6 +231,7 @@ def estimate_xattention_pattern(
     block_size: int = DEFAULT_BLOCK,
     scale: float | None = None,
     seq_lens: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> XAttentionPattern:
     """Choose each head's blocks (see the module docstring).
 
@@ -235,6 +239,8 @@ def estimate_xattention_pattern(
         query: (B, H, L, D); key: (B, Hkv, L, D).
         threshold, stride, block_size, scale: as :func:`xattention_attention`.
         seq_lens: optional (B, H) valid rows per head, padding at the end.
+        backend: who computes the scores, chosen by :func:`tokensparse.kernels.ops_for`
+            ("auto": the Triton kernel on CUDA, the PyTorch reference elsewhere).
 
     Returns:
         An :class:`XAttentionPattern`. Estimation runs on the inputs' device in
@@ -242,7 +248,7 @@ def estimate_xattention_pattern(
     """
     check_params(threshold=threshold, stride=stride, block_size=block_size)
     lens = head_lengths(seq_lens, query, key)
-    scores = _block_scores(query, key, lens, stride, block_size, scale)
+    scores = _block_scores(query, key, lens, stride, block_size, scale, backend)
     mask = select_blocks(scores, threshold, lens, block_size)
     block_idx, block_cnt = lists_from_block_mask(mask)
     return XAttentionPattern(block_idx, block_cnt, block_size, lens, stride)
@@ -274,6 +280,7 @@ def antidiagonal_block_scores(
     block_size: int = DEFAULT_BLOCK,
     scale: float | None = None,
     seq_lens: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Estimated attention mass of every (query block, key block) of each head.
 
@@ -281,6 +288,7 @@ def antidiagonal_block_scores(
         query: (B, H, L, D); key: (B, Hkv, L, D).
         stride, block_size, scale: as :func:`xattention_attention`.
         seq_lens: optional (B, H) valid rows per head, padding at the end.
+        backend: as :func:`estimate_xattention_pattern`.
 
     Returns:
         (B, H, NQB, NKB) float32 (float64 for float64 inputs), NQB = NKB =
@@ -288,90 +296,20 @@ def antidiagonal_block_scores(
         above the diagonal; rows past a head's length are zero.
     """
     _check_grid(stride, block_size)
-    return _block_scores(query, key, head_lengths(seq_lens, query, key), stride, block_size, scale)
+    return _block_scores(query, key, head_lengths(seq_lens, query, key), stride, block_size, scale, backend)
 
 
-def _block_scores(query, key, lens, stride, block_size, scale) -> torch.Tensor:
+def _block_scores(query, key, lens, stride, block_size, scale, backend) -> torch.Tensor:
     """:func:`antidiagonal_block_scores` on checked arguments, ``lens`` (B, H) int64."""
-    batch, num_heads, seq_len, head_dim = query.shape
-    num_kv_heads = key.shape[1]
-    group = num_heads // num_kv_heads
-    scale = head_dim**-0.5 if scale is None else scale
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    # Half-precision inputs multiply in their own dtype (tensor cores, fp32 accumulation
-    # inside the matmul) and softmax in fp32: 16x the fp32 matmul rate on Hopper, and
-    # the estimate only ranks blocks.
-    mm_dtype = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else acc
-    nb = num_blocks(seq_len, block_size)
-    tile = block_size // stride  # reshaped rows (and columns) per block
-    reshaped_len = nb * tile
-    reshaped_valid = (lens + stride - 1) // stride  # (B, H) reshaped rows holding a real token
-    scores = torch.zeros(batch, num_heads, nb, nb, dtype=acc, device=query.device)
-    kv_step, row_step = _estimate_steps(batch, group, num_kv_heads, reshaped_len, tile, acc)
-    for k0 in range(0, num_kv_heads, kv_step):
-        k1 = min(k0 + kv_step, num_kv_heads)
-        heads = slice(k0 * group, k1 * group)
-        k_r = _strided_rows(key[:, k0:k1], lens[:, heads][:, ::group], stride, nb * block_size, mm_dtype, reverse=False)
-        q_r = _strided_rows(query[:, heads], lens[:, heads], stride, nb * block_size, mm_dtype, reverse=True)
-        q_r = q_r.view(batch, k1 - k0, group, reshaped_len, -1)
-        for r0 in range(0, reshaped_len, row_step):
-            r1 = min(r0 + row_step, reshaped_len)
-            probs = _reshaped_softmax(
-                q_r[..., r0:r1, :], k_r[:, :, :r1], r0, reshaped_valid[:, heads], scale / stride, acc
-            )  # (B, nH, r1 - r0, r1)
-            scores[:, heads, r0 // tile : r1 // tile, : r1 // tile] = probs.view(
-                batch, (k1 - k0) * group, (r1 - r0) // tile, tile, r1 // tile, tile
-            ).sum(dim=(3, 5))
-    total = scores.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, scores / total.clamp(min=torch.finfo(acc).tiny), 0.0)
+    return ops_for(query, backend).antidiagonal_scores(
+        query, key, stride=stride, block_size=block_size, seq_lens=lens, scale=scale,
+        chunk_bytes=_ESTIMATE_CHUNK_BYTES,
+    )
 
 
 def _estimate_steps(batch, group, num_kv_heads, reshaped_len, tile, acc) -> tuple[int, int]:
-    """(KV heads, reshaped query rows) per step, so the logits of one step stay under
-    _ESTIMATE_CHUNK_BYTES. Rows go in whole blocks, so every tile sum is complete."""
-    row_bytes = batch * group * reshaped_len * torch.finfo(acc).bits // 8
-    head_bytes = row_bytes * reshaped_len
-    if head_bytes <= _ESTIMATE_CHUNK_BYTES:
-        # Several KV heads a step: compressed inputs have a KV head per query head,
-        # and one head a step would be dozens of small launches.
-        return max(1, min(num_kv_heads, _ESTIMATE_CHUNK_BYTES // max(head_bytes, 1))), reshaped_len
-    blocks = max(1, _ESTIMATE_CHUNK_BYTES // (row_bytes * tile))
-    return 1, blocks * tile
-
-
-def _strided_rows(x, lens, stride, padded, acc, *, reverse) -> torch.Tensor:
-    """(B, n, L, D) rows and (B, n) lengths -> (B, n, padded / S, S * D) in ``acc``:
-    reshaped row r concatenates positions rS .. rS + S - 1 (reversed if ``reverse``),
-    with positions at or past the head's length set to zero."""
-    batch, heads, seq_len, dim = x.shape
-    full = x.new_zeros(batch, heads, padded, dim, dtype=acc)
-    full[:, :, :seq_len] = x
-    pos = torch.arange(padded, device=x.device)
-    full.masked_fill_((pos >= lens[..., None])[..., None], 0.0)
-    full = full.view(batch, heads, padded // stride, stride, dim)
-    if reverse:
-        full = full.flip(3)
-    return full.reshape(batch, heads, padded // stride, stride * dim)
-
-
-def _reshaped_softmax(q_r, k_r, row0, reshaped_valid, scale, acc) -> torch.Tensor:
-    """Causal softmax of reshaped query rows ``row0 ..`` over reshaped key rows.
-
-    q_r: (B, nK, G, R, S*D); k_r: (B, nK, C, S*D) with C = row0 + R (later columns are
-    above the diagonal); reshaped_valid: (B, nK * G). Returns (B, nK * G, R, C); rows
-    at or past a head's reshaped length, and so every column past it, are zero.
-    """
-    batch, kv_heads, group, rows, width = q_r.shape
-    cols = k_r.shape[2]
-    logits = torch.matmul(q_r.reshape(batch, kv_heads, group * rows, width), k_r.transpose(-1, -2)).to(acc)
-    logits = logits.view(batch, kv_heads * group, rows, cols).mul_(scale)
-    r = torch.arange(row0, row0 + rows, device=q_r.device)
-    c = torch.arange(cols, device=q_r.device)
-    logits.masked_fill_(c[None, :] > r[:, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    # Columns past the head's length are seen only by rows past it (c <= r), which
-    # count nothing, so the causal mask is the only column mask needed.
-    return probs.masked_fill_((r >= reshaped_valid[..., None])[..., None], 0.0)
+    """The reference's (KV heads, reshaped rows) per step at this module's budget."""
+    return estimate_steps(batch, group, num_kv_heads, reshaped_len, tile, acc, _ESTIMATE_CHUNK_BYTES)
 
 
 def select_blocks(scores: torch.Tensor, threshold: float, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -429,7 +367,8 @@ XATTENTION = register_method(
         runs_dense=lambda config, seq_len: config.runs_dense(seq_len),
         inner=_inner,
         estimate=lambda query, key, config: estimate_xattention_pattern(
-            query, key, threshold=config.threshold, stride=config.stride, block_size=config.block_size
+            query, key, threshold=config.threshold, stride=config.stride, block_size=config.block_size,
+            backend=config.backend,
         ),
         description="XAttention block-sparse attention on every layer (threshold, stride, block_size, backend)",
     )
