@@ -48,10 +48,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels import ops_for
-from ..kernels.block_sparse import block_mask_from_lists, lists_from_block_mask, num_blocks, visited_share
-from ..ops import check_inputs, run_left_padded
-from .registry import Method, register_method
+from ..kernels.block_sparse import lists_from_block_mask, num_blocks
+from .block_sparse import BlockLists, block_sparse_op, register_block_sparse
 
 DEFAULT_GAMMA = 0.95
 DEFAULT_TAU = 0.1
@@ -99,34 +97,16 @@ class FlexPrefillConfig:
 
 
 @dataclass(frozen=True)
-class BlockPattern:
-    """The blocks every head visits.
+class BlockPattern(BlockLists):
+    """The blocks every head visits (:class:`BlockLists`), and how FlexPrefill chose them.
 
     Attributes:
-        block_idx: (B, H, NQB, C) int32 visited key blocks per query block,
-            ascending; the first ``block_cnt`` entries are valid.
-        block_cnt: (B, H, NQB) int32; 0 for query blocks past a head's length.
-        block_size: the grid's block.
-        seq_lens: (B, H) int64 valid rows of each head.
         query_aware: (B, H) bool, heads that used the pooled (query-aware) pattern.
         js_distance: (B, H) float32 Jensen-Shannon distance of the pooled estimate.
     """
 
-    block_idx: torch.Tensor
-    block_cnt: torch.Tensor
-    block_size: int
-    seq_lens: torch.Tensor
     query_aware: torch.Tensor
     js_distance: torch.Tensor
-
-    @property
-    def visited_share(self) -> torch.Tensor:
-        """(B, H) float32 visited blocks over the causal blocks of each head."""
-        return visited_share(self.block_cnt, self.seq_lens, self.block_size)
-
-    def block_mask(self) -> torch.Tensor:
-        """(B, H, NQB, NKB) bool, the pattern as a block mask."""
-        return block_mask_from_lists(self.block_idx, self.block_cnt, self.block_cnt.shape[-1])
 
 
 def flexprefill_attention(
@@ -172,31 +152,12 @@ def flexprefill_attention(
     Returns:
         The output in the query's dtype, and the pattern if ``return_pattern``.
     """
-    check_inputs(query, key, value, key_padding_mask)
     check_params(gamma=gamma, tau=tau, min_budget=min_budget, block_size=block_size)
-    if layout not in ("bhld", "blhd"):
-        raise ValueError(f"layout must be 'bhld' or 'blhd', got {layout!r}")
-    if key_padding_mask is not None:
-        if seq_lens is not None:
-            raise ValueError("pass seq_lens or key_padding_mask, not both")
-        return run_left_padded(
-            flexprefill_attention, query, key, value, key_padding_mask, gamma=gamma, tau=tau, min_budget=min_budget,
-            block_size=block_size, scale=scale, backend=backend, layout=layout, return_pattern=return_pattern,
-        )
-    pattern = estimate_pattern(
-        query, key, gamma=gamma, tau=tau, min_budget=min_budget, block_size=block_size, scale=scale, seq_lens=seq_lens
+    return block_sparse_op(
+        flexprefill_attention, estimate_pattern, query, key, value, scale=scale, seq_lens=seq_lens,
+        key_padding_mask=key_padding_mask, backend=backend, layout=layout, return_pattern=return_pattern,
+        gamma=gamma, tau=tau, min_budget=min_budget, block_size=block_size,
     )
-    batch, num_heads, seq_len, _ = query.shape
-    out = None
-    if layout == "blhd":
-        out = query.new_empty(batch, seq_len, num_heads, value.shape[-1]).transpose(1, 2)
-    out = ops_for(query, backend).block_sparse_attention(
-        query, key, value, pattern.block_idx, pattern.block_cnt, block_size,
-        seq_lens=pattern.seq_lens, scale=scale, out=out,
-    )
-    if layout == "blhd":
-        out = out.transpose(1, 2)
-    return (out, pattern) if return_pattern else out
 
 
 def check_params(*, gamma: float, tau: float, min_budget: int, block_size: int) -> None:
@@ -223,8 +184,10 @@ def estimate_pattern(
     block_size: int = DEFAULT_BLOCK,
     scale: float | None = None,
     seq_lens: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> BlockPattern:
-    """Choose each head's blocks (see the module docstring).
+    """Choose each head's blocks (see the module docstring). The estimate runs in
+    PyTorch whatever ``backend`` (accepted for the block-sparse methods' common signature).
 
     Args:
         query: (B, H, L, D); key: (B, Hkv, L, D).
@@ -411,36 +374,9 @@ def _js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- registry entry
-def _prefill(query, key, value, config: FlexPrefillConfig, *, scale=None, key_padding_mask=None, layout="bhld"):
-    if key_padding_mask is not None and bool(key_padding_mask.all()):
-        key_padding_mask = None
-    return flexprefill_attention(
-        query, key, value, scale=scale, key_padding_mask=key_padding_mask, layout=layout, return_pattern=True,
-        **config.kwargs(),
-    )
-
-
-def _inner(config: FlexPrefillConfig):
-    def attend(query, key, value, *, scale, seq_lens=None, key_padding_mask=None):
-        return flexprefill_attention(
-            query, key, value, scale=scale, seq_lens=seq_lens, key_padding_mask=key_padding_mask, **config.kwargs()
-        )
-
-    return attend
-
-
-FLEXPREFILL = register_method(
-    Method(
-        "flexprefill",
-        config_type=FlexPrefillConfig,
-        prefill=_prefill,
-        runs_dense=lambda config, seq_len: config.runs_dense(seq_len),
-        inner=_inner,
-        estimate=lambda query, key, config: estimate_pattern(
-            query, key, gamma=config.gamma, tau=config.tau, min_budget=config.min_budget, block_size=config.block_size
-        ),
-        description="FlexPrefill block-sparse attention on every layer (gamma, tau, min_budget, block_size, backend)",
-    )
+FLEXPREFILL = register_block_sparse(
+    "flexprefill", FlexPrefillConfig, flexprefill_attention, estimate_pattern,
+    "FlexPrefill block-sparse attention on every layer (gamma, tau, min_budget, block_size, backend)",
 )
 
 

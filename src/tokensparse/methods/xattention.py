@@ -50,13 +50,8 @@ import torch
 
 from ..kernels import ops_for
 from ..kernels.antidiagonal import ESTIMATE_CHUNK_BYTES, estimate_steps
-from ..ops import check_inputs, run_left_padded
-from .registry import Method, register_method
-from ..kernels.block_sparse import (
-    block_mask_from_lists,
-    lists_from_block_mask,
-    visited_share,
-)
+from ..kernels.block_sparse import lists_from_block_mask
+from .block_sparse import BlockLists, block_sparse_op, register_block_sparse
 
 DEFAULT_THRESHOLD = 0.9
 DEFAULT_STRIDE = 8
@@ -106,32 +101,14 @@ class XAttentionConfig:
 
 
 @dataclass(frozen=True)
-class XAttentionPattern:
-    """The blocks every head visits.
+class XAttentionPattern(BlockLists):
+    """The blocks every head visits (:class:`BlockLists`), and the stride of the scores.
 
     Attributes:
-        block_idx: (B, H, NQB, C) int32 visited key blocks per query block,
-            ascending; the first ``block_cnt`` entries are valid.
-        block_cnt: (B, H, NQB) int32; 0 for query blocks past a head's length.
-        block_size: the grid's block.
-        seq_lens: (B, H) int64 valid rows of each head.
         stride: the antidiagonal stride the scores used.
     """
 
-    block_idx: torch.Tensor
-    block_cnt: torch.Tensor
-    block_size: int
-    seq_lens: torch.Tensor
     stride: int
-
-    @property
-    def visited_share(self) -> torch.Tensor:
-        """(B, H) float32 visited blocks over the causal blocks of each head."""
-        return visited_share(self.block_cnt, self.seq_lens, self.block_size)
-
-    def block_mask(self) -> torch.Tensor:
-        """(B, H, NQB, NKB) bool, the pattern as a block mask."""
-        return block_mask_from_lists(self.block_idx, self.block_cnt, self.block_cnt.shape[-1])
 
 
 def xattention_attention(
@@ -175,33 +152,12 @@ def xattention_attention(
     Returns:
         The output in the query's dtype, and the pattern if ``return_pattern``.
     """
-    check_inputs(query, key, value, key_padding_mask)
     check_params(threshold=threshold, stride=stride, block_size=block_size)
-    if layout not in ("bhld", "blhd"):
-        raise ValueError(f"layout must be 'bhld' or 'blhd', got {layout!r}")
-    if key_padding_mask is not None:
-        if seq_lens is not None:
-            raise ValueError("pass seq_lens or key_padding_mask, not both")
-        return run_left_padded(
-            xattention_attention, query, key, value, key_padding_mask, layout=layout,
-            return_pattern=return_pattern, threshold=threshold, stride=stride, block_size=block_size,
-            scale=scale, backend=backend,
-        )
-    pattern = estimate_xattention_pattern(
-        query, key, threshold=threshold, stride=stride, block_size=block_size, scale=scale, seq_lens=seq_lens,
-        backend=backend,
+    return block_sparse_op(
+        xattention_attention, estimate_xattention_pattern, query, key, value, scale=scale, seq_lens=seq_lens,
+        key_padding_mask=key_padding_mask, backend=backend, layout=layout, return_pattern=return_pattern,
+        threshold=threshold, stride=stride, block_size=block_size,
     )
-    batch, num_heads, seq_len, _ = query.shape
-    out = None
-    if layout == "blhd":
-        out = query.new_empty(batch, seq_len, num_heads, value.shape[-1]).transpose(1, 2)
-    out = ops_for(query, backend).block_sparse_attention(
-        query, key, value, pattern.block_idx, pattern.block_cnt, block_size,
-        seq_lens=pattern.seq_lens, scale=scale, out=out,
-    )
-    if layout == "blhd":
-        out = out.transpose(1, 2)
-    return (out, pattern) if return_pattern else out
 
 
 def check_params(*, threshold: float, stride: int, block_size: int) -> None:
@@ -341,37 +297,9 @@ def select_blocks(scores: torch.Tensor, threshold: float, seq_lens: torch.Tensor
 
 
 # ---------------------------------------------------------------- registry entry
-def _prefill(query, key, value, config: XAttentionConfig, *, scale=None, key_padding_mask=None, layout="bhld"):
-    if key_padding_mask is not None and bool(key_padding_mask.all()):
-        key_padding_mask = None
-    return xattention_attention(
-        query, key, value, scale=scale, key_padding_mask=key_padding_mask, layout=layout, return_pattern=True,
-        **config.kwargs(),
-    )
-
-
-def _inner(config: XAttentionConfig):
-    def attend(query, key, value, *, scale, seq_lens=None, key_padding_mask=None):
-        return xattention_attention(
-            query, key, value, scale=scale, seq_lens=seq_lens, key_padding_mask=key_padding_mask, **config.kwargs()
-        )
-
-    return attend
-
-
-XATTENTION = register_method(
-    Method(
-        "xattention",
-        config_type=XAttentionConfig,
-        prefill=_prefill,
-        runs_dense=lambda config, seq_len: config.runs_dense(seq_len),
-        inner=_inner,
-        estimate=lambda query, key, config: estimate_xattention_pattern(
-            query, key, threshold=config.threshold, stride=config.stride, block_size=config.block_size,
-            backend=config.backend,
-        ),
-        description="XAttention block-sparse attention on every layer (threshold, stride, block_size, backend)",
-    )
+XATTENTION = register_block_sparse(
+    "xattention", XAttentionConfig, xattention_attention, estimate_xattention_pattern,
+    "XAttention block-sparse attention on every layer (threshold, stride, block_size, backend)",
 )
 
 
