@@ -230,11 +230,11 @@ def _bench_length(model, group, specs, ids, device, timing, cfg: TPBenchConfig, 
         return model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
 
     row: dict[str, Any] = {"seq_len": length, "modes": {}}
-    row["model_all_reduce_ms"] = _model_all_reduce_ms(model, group, length, device, timing)
+    row["model_all_reduce_ms"] = _model_all_reduce_ms(model, group, length, device)
     for spec in [None, *specs]:
         label = "dense" if spec is None else spec.label
         try:
-            entry = _time_mode(model, group, spec, prefill, device, timing)
+            entry = _time_mode(model, group, spec, prefill, length, device, timing)
         except torch.OutOfMemoryError as err:  # both ranks run the same shapes, so both raise
             entry = {"error": f"out of memory: {err}"[:300]}
             torch.cuda.empty_cache()
@@ -249,7 +249,7 @@ def _bench_length(model, group, specs, ids, device, timing, cfg: TPBenchConfig, 
     return row
 
 
-def _time_mode(model, group, spec, prefill, device, timing) -> dict[str, Any]:
+def _time_mode(model, group, spec, prefill, length: int, device, timing) -> dict[str, Any]:
     """TTFT and peak memory of every rank (``_ms``/``_bytes`` lists by rank), and the exchange's share."""
     dist.barrier()
     if spec is None:
@@ -268,7 +268,7 @@ def _time_mode(model, group, spec, prefill, device, timing) -> dict[str, Any]:
     entry["ttft_ms"] = max(entry["ttft_ms_by_rank"])  # the slowest rank decides the first token
     if spec is not None and _uses_coverage(spec):
         layers = len(plan_sparse_layers(model, spec))
-        exchange = _exchange_ms(model, group, prefill.__defaults__[0].shape[1], spec, device, timing)
+        exchange = _exchange_ms(model, group, length, spec, device)
         entry.update(exchange_ms_per_layer=exchange, exchange_ms=exchange * layers,
                      exchange_share=exchange * layers / entry["ttft_ms"])
     return entry
@@ -287,7 +287,7 @@ def plan_sparse_layers(model, spec) -> tuple[int, ...]:
         disable(model)
 
 
-def _exchange_ms(model, group, length: int, spec, device, timing) -> float:
+def _exchange_ms(model, group, length: int, spec, device) -> float:
     """One sparse layer's all-gather of the window scores, (1, H/N, L - window) float32, timed alone."""
     config = getattr(spec.config, "token_sparse", spec.config)
     heads = HeadGroup(group, model.config.num_attention_heads)
@@ -295,7 +295,7 @@ def _exchange_ms(model, group, length: int, spec, device, timing) -> float:
     return time_fn(lambda: heads.gather_heads(local), device, warmup=2, min_reps=5, budget_ms=0.0).median_ms
 
 
-def _model_all_reduce_ms(model, group, length: int, device, timing) -> float:
+def _model_all_reduce_ms(model, group, length: int, device) -> float:
     """The model's own all-reduces of one prefill (o_proj and down_proj outputs, 2 per layer), timed alone."""
     hidden = torch.rand(1, length, model.config.hidden_size, device=device, dtype=model.dtype)
     one = time_fn(lambda: dist.all_reduce(hidden, group=group), device, warmup=2, min_reps=3, budget_ms=0.0)
