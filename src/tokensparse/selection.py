@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TokenSparseConfig
+from .distributed import all_heads
 from .kernels import ops_for, reference
 
 # The PyTorch reference of the per-head top-k lives beside the other kernel
@@ -98,6 +99,12 @@ def token_budget(
         prefix_lens: (B,) int64 real prefix tokens of each sequence (may be <= 0).
         config: budget mode, coverage, floor and cap.
 
+    Under tensor parallelism (inside :func:`tokensparse.distributed.split_heads`)
+    ``scores`` holds this rank's heads; the ``coverage`` mode gathers every
+    rank's heads and averages them as one device does, so each rank returns
+    the single-device count for its heads. The other modes need nothing from
+    the other ranks.
+
     Returns:
         (B, H) int64 in [0, prefix_lens]; ``prefix_lens[b]`` means nothing dropped.
         Sequences with ``prefix_lens <= min_tokens`` keep everything.
@@ -109,9 +116,11 @@ def token_budget(
     if config.budget in ("coverage", "head_coverage"):
         # Budget arithmetic in float64: the count n is a threshold on a running sum
         # and must not move with rounding (it is (B, P) or (B, H, P), cheap either way).
-        dist = scores.double()
         if config.budget == "coverage":
-            dist = dist.mean(dim=1, keepdim=True)  # one distribution per sequence
+            # One distribution per sequence, from every head of the layer (all ranks').
+            dist = all_heads(scores).double().mean(dim=1, keepdim=True)
+        else:
+            dist = scores.double()
         dist = dist.masked_fill(~real[:, None, :], 0.0)
         dist = dist / dist.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
         # Padded positions sort last with an infinite running sum, so they never count.

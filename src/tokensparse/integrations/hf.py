@@ -206,7 +206,38 @@ def left_padding_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.
     return real
 
 
+def tensor_parallel_group(model: torch.nn.Module) -> Any | None:
+    """The process group transformers' tensor parallelism split ``model``'s heads over, or None.
+
+    A model loaded with ``DistributedConfig(tp_size=N)`` (or the older
+    ``tp_plan="auto"``) has ``tp_size`` N > 1 and a device mesh with a ``"tp"``
+    dimension: 5.2x keeps the meshes in ``model._mesh_manager``; earlier
+    releases keep the TP mesh (or a mesh with a "tp" dimension) in
+    ``model._device_mesh``. Raises where ``tp_size`` says the model is split but
+    no mesh is found (pass ``enable(..., tp_group=GROUP)`` then).
+    """
+    size = getattr(model, "tp_size", None) or getattr(model, "_tp_size", None)
+    if not isinstance(size, int) or size <= 1:
+        return None
+    mesh = None
+    manager = getattr(model, "_mesh_manager", None)
+    if manager is not None and hasattr(manager, "get_mesh"):
+        mesh = manager.get_mesh("tp")
+    else:
+        mesh = getattr(model, "_device_mesh", None)
+        names = getattr(mesh, "mesh_dim_names", None) or ()
+        if mesh is not None and mesh.ndim > 1:
+            mesh = mesh["tp"] if "tp" in names else None
+    if mesh is None:
+        raise ValueError(
+            f"the model is split over {size} ranks (tp_size) but has no tensor-parallel device mesh this version "
+            "of tokensparse can find; pass enable(..., tp_group=GROUP)"
+        )
+    return mesh.get_group()
+
+
 __all__ = [
+    "tensor_parallel_group",
     "attention_layers",
     "attention_layers_checked",
     "num_hidden_layers",

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import TokenSparseConfig
+from ..distributed import HeadGroup, split_heads
 from ..log import reset_warnings, warn_once
 from ..methods import MethodSpec
 from ..methods.registry import LAYERS_SPARSE
@@ -39,6 +40,7 @@ from .hf import (
     own_attention,
     prefill_guard,
     registered_name,
+    tensor_parallel_group,
 )
 
 if TYPE_CHECKING:
@@ -90,6 +92,9 @@ class _ModelState:
     previous_attn: str
     record: bool
     prefills: list[dict[int, LayerRecord]] = field(default_factory=list)
+    # Tensor parallelism: whether the heads are split, and over which group (None: the world).
+    heads_split: bool = False
+    tp_group: Any = None
 
     def add(self, record: LayerRecord) -> None:
         # A layer seen again means a new prefill has started.
@@ -105,6 +110,7 @@ def enable(
     profile: "LayerProfile | str | os.PathLike | None" = None,
     record: bool = False,
     min_length: "int | dict[str, int] | str" = 0,
+    tp_group: Any = "auto",
 ) -> torch.nn.Module:
     """Switch ``model``'s prefill to a sparse attention method.
 
@@ -128,6 +134,14 @@ def enable(
         min_length: the length gate: prefills with fewer tokens run the model's
             own attention (one length, one per method name, or ``"auto"``: each
             method's crossover length measured on the H200).
+        tp_group: under tensor parallelism, the process group the layers' heads
+            are split over; the ``coverage`` budget then averages every rank's
+            heads (:mod:`tokensparse.distributed`) so each rank keeps what one
+            device would. ``"auto"``: transformers' tensor-parallel group when
+            the model was loaded split (``DistributedConfig(tp_size=N)``), else
+            none. A ``torch.distributed`` group (``torch.distributed.group.WORLD``
+            for the default one) names it; ``None`` exchanges nothing (each rank
+            budgets from its own heads).
 
     Returns:
         The same model, for chaining.
@@ -147,6 +161,11 @@ def enable(
     previous = getattr(model, _MODEL_ATTR, None)
     previous_attn = previous.previous_attn if previous else (model.config._attn_implementation or "sdpa")
     state = _ModelState(plan, previous_attn, record)
+    if isinstance(tp_group, str) and tp_group == "auto":
+        group = tensor_parallel_group(model)
+        state.heads_split, state.tp_group = group is not None, group
+    elif tp_group is not None:
+        state.heads_split, state.tp_group = True, tp_group
     attach(
         model, layers, name=registered_name(ATTN_NAME, previous_attn), forward=sparse_attention_forward,
         mask_of=previous_attn, layer_attr=_STATE_ATTR, layer_state=lambda m: state,
@@ -228,9 +247,10 @@ def sparse_attention_forward(
         warn_once(logger, f"{reason}: running the model's own attention ({state.previous_attn})")
         _record_dense(state, module, query, key, attention_mask, entry)
         return own()
-    out, stats = method.prefill(
-        query, key, value, entry.spec.config, scale=scaling, key_padding_mask=key_padding_mask, layout="blhd"
-    )
+    with split_heads(_head_group(state, module, query)):
+        out, stats = method.prefill(
+            query, key, value, entry.spec.config, scale=scaling, key_padding_mask=key_padding_mask, layout="blhd"
+        )
     if state.record and isinstance(stats, TokenSelection):
         state.add(
             LayerRecord(
@@ -244,6 +264,17 @@ def sparse_attention_forward(
     if out is None:
         return own()
     return out, None
+
+
+def _head_group(state: _ModelState, module: torch.nn.Module, query: torch.Tensor) -> HeadGroup | None:
+    """The heads' split of this call, or None where the layer holds all of its heads."""
+    if not state.heads_split:
+        return None
+    local = query.shape[1]
+    total = getattr(getattr(module, "config", None), "num_attention_heads", None)
+    if not isinstance(total, int):
+        total = local * torch.distributed.get_world_size(state.tp_group)
+    return None if total == local else HeadGroup(state.tp_group, total)
 
 
 def _record_dense(state: _ModelState, module, query, key, attention_mask, entry) -> None:
