@@ -95,6 +95,14 @@ class _ModelState:
     # Tensor parallelism: whether the heads are split, and over which group (None: the world).
     heads_split: bool = False
     tp_group: Any = None
+    # The model's own attention function per attention class (looked up once, not per call).
+    own: dict[type, Any] = field(default_factory=dict)
+
+    def own_attention(self, module: torch.nn.Module):
+        kind = type(module)
+        if kind not in self.own:
+            self.own[kind] = own_attention(module, self.previous_attn)
+        return self.own[kind]
 
     def add(self, record: LayerRecord) -> None:
         # A layer seen again means a new prefill has started.
@@ -231,7 +239,7 @@ def sparse_attention_forward(
         raise ValueError(f"{type(module).__name__} has no tokensparse state: was the model enabled?")
 
     def own() -> tuple[torch.Tensor, Any]:
-        attend = own_attention(module, state.previous_attn)
+        attend = state.own_attention(module)
         return attend(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     entry = state.plan.entry(module.layer_idx)
