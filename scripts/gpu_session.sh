@@ -42,7 +42,7 @@ kernels)
     ;;
 prefill)
     timeout 360 $PY -m tokensparse.cli bench prefill --model "$GGUF" --rope-scaling 16 \
-        --lengths 4096,8192,16384,32768,65536,131072 --min-lengths "${GATES:-0,auto}" \
+        --lengths 4096,8192,16384,32768,65536,131072 --min-lengths "${GATES:-0,auto}" --budget-ms "${BUDGET_MS:-1}" \
         --methods "token_sparse,$ALL_LAYERS,$SAFE_ONLY,$REC_FP,$REC_XA" --out "$OUT/prefill/smollm2.json"
     timeout 190 $PY -m tokensparse.cli bench prefill --model llama-3.1-8b-random --lengths 32768,131072 \
         --methods "token_sparse:keep_ratio=0.25,sparse_layers=2-31,token_sparse:keep_ratio=0.25,sparse_layers=2-31,dropped_rows=local" \

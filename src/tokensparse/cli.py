@@ -143,7 +143,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="length gates to run every method at: integers or 'auto' (each method's measured "
                    "crossover); shorter prefills run dense (default 0: no gate)")
     f.add_argument("--warmup", type=int, default=1)
-    f.add_argument("--reps", type=int, default=2)
+    f.add_argument("--reps", type=int, default=2, help="least timed runs per measurement (median)")
+    f.add_argument("--budget-ms", type=float, default=1.0,
+                   help="keep timing until this much time is spent (more runs at short prompts; default 1: --reps decides)")
     f.add_argument("--device", default=None)
     f.add_argument("--out", default="runs/bench/prefill.json", help="JSON output (default: runs/bench/prefill.json)")
     f.add_argument("--plot", default=None)
@@ -266,7 +268,7 @@ def _run_bench_prefill(args: argparse.Namespace) -> int:
     cfg = PrefillBenchConfig(
         model=args.model, lengths=tuple(lengths), batch=args.batch, methods=tuple(s.label for s in args.methods),
         rope_scaling=args.rope_scaling, profile=args.profile, min_lengths=tuple(args.min_lengths),
-        warmup=args.warmup, min_reps=args.reps, device=args.device,
+        warmup=args.warmup, min_reps=args.reps, budget_ms=args.budget_ms, device=args.device,
     )
     return _run_bench(run_prefill_bench, cfg, args, plot_prefill, summary_lines)
 
