@@ -154,3 +154,24 @@ def ops_for(tensor: torch.Tensor, backend: str) -> StageOps:
                 return ops
         return TORCH_OPS
     raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+
+
+@functools.cache
+def _warn_chunk_fallback_once() -> None:
+    logger.warning(
+        "Token Sparse Attention after a cached prefix (query shorter than the keys) has no Triton path yet; "
+        "running the PyTorch stages (this warning is logged once)"
+    )
+
+
+def ops_for_chunk(tensor: torch.Tensor, backend: str) -> StageOps:
+    """:func:`ops_for` for a chunk after a cached prefix (Lq < Lk): the PyTorch references.
+
+    The Triton stages assume Lq == Lk; where ``backend`` would choose them
+    ("triton", or "auto" on CUDA) the references run instead, with a warning
+    logged once per process. ``backend`` is still checked as :func:`ops_for` does.
+    """
+    ops = ops_for(tensor, backend)
+    if ops.name != TORCH_OPS.name:
+        _warn_chunk_fallback_once()
+    return TORCH_OPS
