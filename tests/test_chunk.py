@@ -182,17 +182,42 @@ def test_keep_tokens_bounds_the_keys_a_chunk_attends_over(monkeypatch):
 
 
 # ---------------------------------------------------------------- backends and refusals
-@pytest.mark.skipif(not triton_runnable(torch.zeros(1)), reason="needs Triton and CUDA or TRITON_INTERPRET=1")
-def test_triton_backend_falls_back_for_chunks_with_one_warning(caplog):
+needs_triton = pytest.mark.skipif(not triton_runnable(torch.zeros(1)),
+                                  reason="needs Triton and CUDA or TRITON_INTERPRET=1")
+
+
+@needs_triton
+@pytest.mark.parametrize("query_len", [W, 29, 61])
+@pytest.mark.parametrize("padded", [False, True])
+def test_triton_window_mass_of_a_chunk(query_len, padded):
+    from tokensparse.kernels.window_mass import window_mass
+
+    q, k, _ = make_inputs(heads=4, kv_heads=2, seq_len=61, dtype=torch.float32, seed=13)
+    mask = padding_mask([61, 37], 61) if padded else None
+    chunk = q[:, :, 61 - query_len:]
+    got = window_mass(chunk, k, W, key_padding_mask=mask)
+    torch.testing.assert_close(got, kref.window_mass_ref(chunk, k, W, key_padding_mask=mask), atol=1e-6, rtol=1e-5)
+    # The window rows are the whole prompt's: the same kernel arithmetic, the same bits.
+    assert torch.equal(got, window_mass(q, k, W, key_padding_mask=mask))
+
+
+@needs_triton
+def test_triton_backend_runs_chunk_attention_in_torch_with_one_warning(caplog):
     q, k, v = make_inputs(dtype=torch.float32, seed=7)
+    mask = padding_mask([91, 66], 91)
+    config = cfg(budget="head_coverage", coverage=0.3, backend="triton")
     _warn_chunk_fallback_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="tokensparse.kernels"):
-        outs = [run_chunk(q, k, v, cfg(budget="keep_tokens", keep_tokens=20, backend="triton"), 30)[0]
+        runs = [token_sparse_attention(q[:, :, -30:], k, v, config=config, key_padding_mask=mask, return_stats=True)
                 for _ in range(2)]
-    warnings = [r for r in caplog.records if "no Triton path" in r.getMessage()]
-    assert len(warnings) == 1
-    expect, _ = run_chunk(q, k, v, cfg(budget="keep_tokens", keep_tokens=20), 30)
-    assert torch.equal(outs[0], expect) and torch.equal(outs[1], expect)
+    assert len([r for r in caplog.records if "no Triton path yet" in r.getMessage()]) == 1
+    whole, whole_sel = token_sparse_attention(q, k, v, config=config, key_padding_mask=mask, return_stats=True)
+    torch_out, torch_sel = token_sparse_attention(q[:, :, -30:], k, v, config=cfg(budget="head_coverage", coverage=0.3),
+                                                  key_padding_mask=mask, return_stats=True)
+    for out, sel in runs:
+        assert torch.equal(sel.kept_idx, whole_sel.kept_idx) and torch.equal(sel.kept_idx, torch_sel.kept_idx)
+        torch.testing.assert_close(out, whole[:, :, -30:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, torch_out, atol=1e-5, rtol=1e-5)
 
 
 def test_local_dropped_rows_refused_for_chunks():
@@ -236,3 +261,16 @@ def test_dense_chunk_attention_is_bottom_right_causal():
                 probs = torch.softmax(k[b, h // 2, keys] @ q[b, h, pos] / math.sqrt(16), dim=0)
                 expect[b, h, i] = probs @ v[b, h // 2, keys]
     torch.testing.assert_close(out, expect, atol=1e-12, rtol=1e-12)
+
+
+def test_chunk_blhd_layout_is_the_transpose():
+    from tokensparse.attention import attend_selected
+
+    q, k, v = make_inputs(seed=14)
+    config = cfg(budget="keep_tokens", keep_tokens=20)
+    chunk = q[:, :, -40:]
+    selection = select_tokens(chunk, k, config)
+    bhld = attend_selected(chunk, k, v, selection, backend="torch", config=config)
+    blhd = attend_selected(chunk, k, v, selection, backend="torch", layout="blhd", config=config)
+    assert blhd.shape == (2, 40, 4, 16)
+    assert torch.equal(blhd, bhld.transpose(1, 2))
