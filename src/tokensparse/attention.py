@@ -1,8 +1,11 @@
 """The public Token Sparse Attention op.
 
-Layout at this boundary is SDPA's: query (B, H, L, D), key/value (B, Hkv, L, D),
-output (B, H, L, Dv). :func:`attend_selected` can also write transformers'
-(B, L, H, Dv) directly.
+Layout at this boundary is SDPA's: query (B, H, Lq, D), key/value (B, Hkv, Lk, D),
+output (B, H, Lq, Dv). :func:`attend_selected` can also write transformers'
+(B, Lq, H, Dv) directly. Lq == Lk is a whole prompt; Lq < Lk is a chunk after a
+cached prefix (chunked prefill, a second turn over a cached document): the
+queries are the last Lq of the Lk positions and causality is by absolute
+position (bottom-right aligned).
 
 The attention that runs on the kept tokens is dense causal SDPA unless the
 caller passes ``inner``, any attention with the :data:`InnerAttention`
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TokenSparseConfig
-from .kernels import ops_for
+from .kernels import ops_for, ops_for_chunk, reference
 from .ops import check_inputs, dense_causal_attention
 from .local_attention import fill_dropped_rows
 from .selection import TokenSelection, select_tokens
@@ -68,17 +71,33 @@ def token_sparse_attention(
     ``window`` queries) plus the window, attends densely over them, and writes
     zeros in the rows of the tokens it did not keep.
 
+    A chunk after a cached prefix (Lq < Lk; query row i at absolute position
+    Lk - Lq + i): the chunk's last ``window`` queries score all Lk keys; the
+    budget (every mode) and each head's top-k are over the Lk - ``window`` keys
+    before the window, cached and new alike, so ``keep_tokens`` bounds the keys
+    a chunk attends over whatever the prefix length. A chunk row is kept for a
+    head when its position is in the head's kept set (kept prefix tokens inside
+    the chunk, and the window); it attends over the head's kept keys at
+    positions up to its own. Other rows are zero. Chunks shorter than
+    ``window`` (decode-like calls) run dense. Not supported for Lq < Lk (a
+    ``ValueError``): ``dropped_rows="local"`` and ``inner``. The Triton path
+    covers Lq == Lk only; chunks run the PyTorch stages (a warning is logged
+    once where Triton would have run). With Lq == Lk the op is the whole-prompt
+    op, bit for bit.
+
     Args:
-        query: (B, H, L, D) floating point, after RoPE.
-        key: (B, Hkv, L, D), H a multiple of Hkv (GQA; K/V are never repeated).
-        value: (B, Hkv, L, Dv).
+        query: (B, H, Lq, D) floating point, after RoPE: the last Lq positions,
+            Lq <= Lk.
+        key: (B, Hkv, Lk, D), H a multiple of Hkv (GQA; K/V are never repeated);
+            cached positions first.
+        value: (B, Hkv, Lk, Dv).
         coverage: tau, share of window attention mass that may be dropped
             (default 0.005).
         window: W, trailing queries that score the prefix (default 128).
         kernel_size: odd width of the score smoothing (default 7).
         min_tokens: floor on prefix tokens kept per head (default 1024).
         scale: softmax scale, default 1 / sqrt(D).
-        key_padding_mask: optional (B, L) bool, True for real tokens, padding on
+        key_padding_mask: optional (B, Lk) bool, True for real tokens, padding on
             the left. Padded positions are never scored or kept, and their output
             rows are zero.
         backend: "auto" (default: Triton kernels on CUDA tensors, PyTorch
@@ -91,13 +110,14 @@ def token_sparse_attention(
             indices per batch item and head, dropped window mass).
 
     Returns:
-        (B, H, L, Dv) output, and the selection if ``return_stats``.
-        Sequences with ``L <= window + min_tokens`` run dense.
+        (B, H, Lq, Dv) output, and the selection if ``return_stats`` (over the
+        Lk key positions). Sequences with ``Lk <= window + min_tokens`` run dense.
     """
     config = _resolve_config(
         config, coverage=coverage, window=window, kernel_size=kernel_size, min_tokens=min_tokens, backend=backend
     )
-    check_inputs(query, key, value, key_padding_mask)
+    check_inputs(query, key, value, key_padding_mask, cached_prefix=True)
+    check_chunk_support(query, key, config, inner)
     selection = select_tokens(query, key, config, scale=scale, key_padding_mask=key_padding_mask)
     if selection.kept_idx is None:
         attend = dense_causal_attention if inner is None else inner
@@ -124,11 +144,12 @@ def attend_selected(
     """Compress, attend causally on the kept tokens, decompress.
 
     Args:
-        query: (B, H, L, D); key, value: (B, Hkv, L, D / Dv).
+        query: (B, H, Lq, D); key, value: (B, Hkv, Lk, D / Dv), Lq <= Lk
+            (see :func:`token_sparse_attention` for a chunk after a cached prefix).
         selection: from :func:`select_tokens`, with ``kept_idx`` set.
         scale: softmax scale, default 1 / sqrt(D).
         backend: stage kernels to use ("auto", "torch", "triton").
-        layout: "bhld" returns (B, H, L, Dv); "blhd" returns (B, L, H, Dv).
+        layout: "bhld" returns (B, H, Lq, Dv); "blhd" returns (B, Lq, H, Dv).
         config: only ``dropped_rows`` and ``local_block`` are read.
         inner: the attention run on the compressed sequences (each head's
             valid length given as ``seq_lens``) instead of dense causal SDPA.
@@ -139,6 +160,9 @@ def attend_selected(
     """
     if selection.kept_idx is None:
         raise ValueError("selection.kept_idx is None (every sequence runs dense); use dense attention")
+    if query.shape[2] != key.shape[2]:
+        check_chunk_support(query, key, config, inner)
+        return _attend_kept_chunk(query, key, value, selection.kept_idx, scale=scale, backend=backend, layout=layout)
     out = _attend_kept(query, key, value, selection, scale=scale, backend=backend, layout=layout, inner=inner)
     if config is None or config.dropped_rows == "zero":
         return out
@@ -166,6 +190,55 @@ def _attend_kept(query, key, value, selection, *, scale, backend, layout, inner)
     return ops.scatter_kept(out_c, selection.kept_idx, query.shape[2], layout)
 
 
+def check_chunk_support(
+    query: torch.Tensor, key: torch.Tensor, config: TokenSparseConfig | None, inner: InnerAttention | None
+) -> None:
+    """Raise ``ValueError`` for what a chunk after a cached prefix (Lq < Lk) does not support yet."""
+    if query.shape[2] == key.shape[2]:
+        return
+    if inner is not None:
+        raise ValueError(
+            f"an inner attention needs query and key of one length; got Lq={query.shape[2]} < Lk={key.shape[2]} "
+            "(a chunk after a cached prefix runs dense SDPA on the kept tokens only)"
+        )
+    if config is not None and config.dropped_rows != "zero":
+        raise ValueError(
+            f"TokenSparseConfig.dropped_rows={config.dropped_rows!r} is not supported for a chunk after a cached "
+            f"prefix (Lq={query.shape[2]} < Lk={key.shape[2]}); use dropped_rows='zero'"
+        )
+
+
+def _attend_kept_chunk(query, key, value, kept_idx, *, scale, backend, layout) -> torch.Tensor:
+    """Compress, attend and decompress a chunk: query (B, H, Lq, D) at the last Lq of Lk positions.
+
+    The compact keys are all of a head's kept positions (``kept_idx``, K
+    slots); the compact queries are those of them inside the chunk (a suffix of
+    each ascending row). Causality on the compact tensors is by absolute
+    position, so it is bottom-right aligned: a mask from the positions.
+    """
+    ops_for_chunk(query, backend)  # checks the backend; logs the Triton fallback once
+    query_len, seq_len = query.shape[2], key.shape[2]
+    offset = seq_len - query_len
+    num_slots = kept_idx.shape[-1]
+    before_chunk = (kept_idx < offset).sum(dim=-1, keepdim=True)  # (B, H, 1)
+    in_chunk = (kept_idx < seq_len).sum(dim=-1, keepdim=True) - before_chunk
+    # The compact query length sizes the tensors: one host sync.
+    num_rows = max(int(in_chunk.max()), 1)
+    slots = before_chunk + torch.arange(num_rows, device=kept_idx.device)  # (B, H, Qc)
+    positions = kept_idx.gather(-1, slots.clamp(max=num_slots - 1))
+    # Padding (position Lk, or slots past the row) becomes chunk row Lq: the
+    # spare row of the scatter.
+    positions = torch.where(slots < num_slots, positions, seq_len)
+    rows = positions - offset  # (B, H, Qc) in [0, Lq]
+    q_c = torch.gather(query, 2, rows.clamp(max=query_len - 1)[..., None].expand(-1, -1, -1, query.shape[-1]))
+    k_c, v_c = reference.gather_kv_ref(key, value, kept_idx)
+    # Padding keys (Lk) are seen by no valid row; padding rows see every key and
+    # are scattered into the spare row.
+    mask = kept_idx[..., None, :] <= positions[..., :, None]  # (B, H, Qc, K)
+    out_c = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask, scale=scale)
+    return reference.scatter_kept_ref(out_c, rows, query_len, layout)
+
+
 def _resolve_config(config: TokenSparseConfig | None, **overrides: int | float | str | None) -> TokenSparseConfig:
     given = {name: value for name, value in overrides.items() if value is not None}
     if config is None:
@@ -177,4 +250,4 @@ def _resolve_config(config: TokenSparseConfig | None, **overrides: int | float |
     return config
 
 
-__all__ = ["InnerAttention", "token_sparse_attention", "attend_selected"]
+__all__ = ["InnerAttention", "token_sparse_attention", "attend_selected", "check_chunk_support"]

@@ -1,7 +1,9 @@
 """Ground-floor helpers every attention method shares: input checks and dense causal attention.
 
-Layout is SDPA's: query (B, H, L, D), key/value (B, Hkv, L, D), H a multiple of
-Hkv. It imports only torch and :mod:`tokensparse.padding`, so any method may use it.
+Layout is SDPA's: query (B, H, Lq, D), key/value (B, Hkv, Lk, D), H a multiple of
+Hkv. Lq == Lk is a whole prompt; Lq < Lk is a chunk after a cached prefix (the
+queries are the last Lq positions, causality by absolute position). It imports
+only torch and :mod:`tokensparse.padding`, so any method may use it.
 """
 
 from __future__ import annotations
@@ -20,8 +22,16 @@ def dense_causal_attention(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal SDPA with GQA and optional left padding; padded rows are zero. (B, H, L, Dv)."""
+    """Causal SDPA with GQA and optional left padding; padded rows are zero. (B, H, Lq, Dv).
+
+    query (B, H, Lq, D) holds the last Lq of the Lk positions of key/value
+    (Lq <= Lk): query row i sits at position Lk - Lq + i (bottom-right aligned
+    causality). ``key_padding_mask``: (B, Lk).
+    """
     gqa = query.shape[1] != key.shape[1]
+    query_len, key_len = query.shape[2], key.shape[2]
+    if query_len != key_len:
+        return _dense_chunk_attention(query, key, value, scale=scale, key_padding_mask=key_padding_mask)
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa)
     seq_len = query.shape[2]
@@ -33,13 +43,39 @@ def dense_causal_attention(
     return out.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
 
 
+def _dense_chunk_attention(query, key, value, *, scale, key_padding_mask) -> torch.Tensor:
+    """:func:`dense_causal_attention` for Lq < Lk: an explicit bottom-right causal mask."""
+    query_len, key_len = query.shape[2], key.shape[2]
+    device = query.device
+    query_pos = torch.arange(key_len - query_len, key_len, device=device)
+    key_pos = torch.arange(key_len, device=device)
+    mask = key_pos[None, :] <= query_pos[:, None]  # (Lq, Lk)
+    if key_padding_mask is not None:
+        # A padded query row sees no real key; letting it see itself keeps the
+        # softmax finite, and the row is zeroed below.
+        own = key_pos[None, :] == query_pos[:, None]
+        mask = (mask & key_padding_mask[:, None, None, :]) | own
+    gqa = query.shape[1] != key.shape[1]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if key_padding_mask is None:
+        return out
+    return out.masked_fill(~key_padding_mask[:, None, key_len - query_len :, None], 0.0)
+
+
 def check_inputs(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     key_padding_mask: torch.Tensor | None = None,
+    *,
+    cached_prefix: bool = False,
 ) -> None:
-    """Raise ``ValueError`` naming the argument if the inputs do not fit the op."""
+    """Raise ``ValueError`` naming the argument if the inputs do not fit the op.
+
+    query (B, H, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv),
+    key_padding_mask (B, Lk). Lq must equal Lk unless ``cached_prefix`` (an op
+    that takes a chunk after a cached prefix), which allows Lq <= Lk.
+    """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -64,10 +100,18 @@ def check_inputs(
         raise ValueError(
             f"batch sizes differ: query {batch}, key {key.shape[0]}, value {value.shape[0]}"
         )
-    if key.shape[2] != seq_len or value.shape[2] != seq_len:
+    key_len = key.shape[2]
+    if value.shape[2] != key_len:
+        raise ValueError(f"key and value must have one sequence length, got key {key_len}, value {value.shape[2]}")
+    if cached_prefix and seq_len > key_len:
+        raise ValueError(
+            f"query length ({seq_len}) must be at most the key length ({key_len}): the queries are the last "
+            "positions of the keys' sequence"
+        )
+    if not cached_prefix and key_len != seq_len:
         raise ValueError(
             "query, key and value must have one sequence length (causal prefill), got "
-            f"query {seq_len}, key {key.shape[2]}, value {value.shape[2]}"
+            f"query {seq_len}, key {key_len}, value {value.shape[2]}"
         )
     if key.shape[3] != head_dim:
         raise ValueError(f"key head_dim {key.shape[3]} must equal query head_dim {head_dim}")
@@ -80,9 +124,9 @@ def check_inputs(
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise ValueError("key_padding_mask must be a bool tensor (True = real token)")
-        if key_padding_mask.shape != (batch, seq_len):
+        if key_padding_mask.shape != (batch, key_len):
             raise ValueError(
-                f"key_padding_mask must have shape (B, L) = ({batch}, {seq_len}), got {tuple(key_padding_mask.shape)}"
+                f"key_padding_mask must have shape (B, Lk) = ({batch}, {key_len}), got {tuple(key_padding_mask.shape)}"
             )
         if key_padding_mask.device != query.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, query on {query.device}")

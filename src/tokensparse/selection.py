@@ -4,10 +4,12 @@ Selection is separate from attention: :func:`select_tokens` returns a
 :class:`TokenSelection` (index tensors and counts) that the attention consumes,
 so each stage can be tested alone and swapped for a faster kernel.
 
-Layouts: query (B, H, L, D), key (B, Hkv, L, D), key_padding_mask (B, L) bool
+Layouts: query (B, H, Lq, D), key (B, Hkv, Lk, D), key_padding_mask (B, Lk) bool
 with True for real tokens and padding on the left, as transformers produces.
-With left padding the last ``window`` positions are real tokens; the prefix
-(the positions before the window) is where tokens can be dropped.
+Lq == Lk is a whole prompt; Lq < Lk is a chunk after a cached prefix, whose
+queries are the last Lq positions. Either way the last ``window`` queries score
+all Lk keys, and the budget and top-k are over the Lk - ``window`` keys before
+the window (the prefix, cached and new tokens alike), where tokens can be dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 from .config import TokenSparseConfig
 from .distributed import all_heads
-from .kernels import ops_for, reference
+from .kernels import ops_for, ops_for_chunk, reference
 
 # The PyTorch reference of the per-head top-k lives beside the other kernel
 # references; this name stays for callers that import it from here.
@@ -49,7 +51,8 @@ class TokenSelection:
         dense: (B,) bool, sequences that run dense (nothing dropped).
         dropped_mass: (B, H) float32, share of the window queries' attention mass
             that falls on tokens the head did not keep (0 for dense sequences).
-        seq_len: L, the padded length of the batch.
+        seq_len: Lk, the padded length of the batch (of the keys, for a chunk
+            after a cached prefix: ``kept_idx`` and ``num_kept`` count keys).
     """
 
     kept_idx: torch.Tensor | None
@@ -69,8 +72,15 @@ class TokenSelection:
         return bool(self.dense.all())
 
 
-def static_dense(config: TokenSparseConfig, seq_len: int) -> bool:
-    """True when a call of length ``seq_len`` runs dense whatever its values are."""
+def static_dense(config: TokenSparseConfig, seq_len: int, query_len: int | None = None) -> bool:
+    """True when a call of ``seq_len`` keys runs dense whatever its values are.
+
+    ``query_len``: the queries of a chunk after a cached prefix (default
+    ``seq_len``); a chunk shorter than the window has no full window to score
+    with, so it runs dense.
+    """
+    if query_len is not None and query_len < config.window:
+        return True
     if seq_len <= config.window + config.min_tokens:
         return True
     if config.budget in ("coverage", "head_coverage") and config.coverage == 0.0:
@@ -155,17 +165,19 @@ def select_tokens(
     """Score the prefix tokens with the window queries and pick each head's tokens.
 
     Args:
-        query: (B, H, L, D), after RoPE.
-        key: (B, Hkv, L, D), after RoPE, not repeated for GQA.
+        query: (B, H, Lq, D), after RoPE: the last Lq positions (Lq <= Lk).
+        key: (B, Hkv, Lk, D), after RoPE, not repeated for GQA.
         config: window, kernel size, budget mode and its parameters.
         scale: softmax scale, default 1 / sqrt(D).
-        key_padding_mask: optional (B, L) bool, True for real tokens (left padding).
+        key_padding_mask: optional (B, Lk) bool, True for real tokens (left padding).
 
     Returns:
-        A :class:`TokenSelection`. Inputs are not validated here; use
+        A :class:`TokenSelection` over the Lk key positions (dense when
+        Lq < window). Inputs are not validated here; use
         :func:`tokensparse.token_sparse_attention` for checked entry.
     """
-    batch, num_heads, seq_len, _ = query.shape
+    batch, num_heads, query_len, _ = query.shape
+    seq_len = key.shape[2]
     window = config.window
     device = query.device
     if key_padding_mask is None:
@@ -173,10 +185,10 @@ def select_tokens(
     else:
         seq_lens = key_padding_mask.sum(dim=-1)
 
-    if static_dense(config, seq_len):
+    if static_dense(config, seq_len, query_len):
         return _dense_selection(seq_lens, num_heads, seq_len)
 
-    ops = ops_for(query, config.backend)
+    ops = ops_for(query, config.backend) if query_len == seq_len else ops_for_chunk(query, config.backend)
     mass = ops.window_mass(query, key, window, scale, key_padding_mask)  # (B, H, L)
     prefix_mass = mass[..., : seq_len - window]
     scores = smooth_scores(prefix_mass, config.kernel_size)

@@ -19,6 +19,7 @@ works without it. Nothing here imports a module above ``tokensparse.kernels``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -154,3 +155,27 @@ def ops_for(tensor: torch.Tensor, backend: str) -> StageOps:
                 return ops
         return TORCH_OPS
     raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+
+
+@functools.cache
+def _warn_chunk_fallback_once() -> None:
+    logger.warning(
+        "Token Sparse Attention after a cached prefix (query shorter than the keys): scoring and top-k run the "
+        "Triton kernels, compress/attend/decompress the PyTorch stages (no Triton path yet; logged once)"
+    )
+
+
+def ops_for_chunk(tensor: torch.Tensor, backend: str) -> StageOps:
+    """:func:`ops_for` for a chunk after a cached prefix (Lq < Lk).
+
+    The scoring (``window_mass``, which takes Lq <= Lk) and ``top_k`` (which
+    sees only key positions) are ``backend``'s; the other stages assume
+    Lq == Lk, so the PyTorch references stand in for their Triton kernels, with
+    a warning logged once per process where Triton was chosen. ``backend`` is
+    checked as :func:`ops_for` does.
+    """
+    ops = ops_for(tensor, backend)
+    if ops.name == TORCH_OPS.name:
+        return TORCH_OPS
+    _warn_chunk_fallback_once()
+    return dataclasses.replace(TORCH_OPS, name="triton-chunk", window_mass=ops.window_mass, top_k=ops.top_k)

@@ -20,18 +20,20 @@ def window_mass_ref(
     """Mean softmax attention of the last ``window`` queries on every key.
 
     Args:
-        query: (B, H, L, D).
-        key: (B, Hkv, L, D).
-        window: W, number of trailing queries that score (1 <= W <= L).
+        query: (B, H, Lq, D), the last Lq positions of the keys' sequence
+            (Lq == Lk for a whole prompt; only the last ``window`` rows are read).
+        key: (B, Hkv, Lk, D).
+        window: W, number of trailing queries that score (1 <= W <= Lq).
         scale: softmax scale, default 1 / sqrt(D).
-        key_padding_mask: optional (B, L) bool, True for real tokens.
+        key_padding_mask: optional (B, Lk) bool, True for real tokens.
 
     Returns:
-        (B, H, L) float32 (float64 for float64 inputs): for key j, the mean over
-        the W window queries of their causal softmax probability on j. Each row
-        sums to 1 over the keys; padded keys get 0.
+        (B, H, Lk) float32 (float64 for float64 inputs): for key j, the mean over
+        the W window queries (at positions Lk - W .. Lk - 1) of their causal
+        softmax probability on j. Each row sums to 1 over the keys; padded keys get 0.
     """
-    batch, num_heads, seq_len, head_dim = query.shape
+    batch, num_heads, query_len, head_dim = query.shape
+    seq_len = key.shape[2]
     num_kv_heads = key.shape[1]
     group = num_heads // num_kv_heads
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -39,18 +41,18 @@ def window_mass_ref(
 
     q_pos = torch.arange(seq_len - window, seq_len, device=query.device)
     k_pos = torch.arange(seq_len, device=query.device)
-    allowed = k_pos[None, :] <= q_pos[:, None]  # (W, L)
+    allowed = k_pos[None, :] <= q_pos[:, None]  # (W, Lk)
     if key_padding_mask is not None:
-        allowed = allowed[None, None] & key_padding_mask[:, None, None, :]  # (B, 1, W, L)
+        allowed = allowed[None, None] & key_padding_mask[:, None, None, :]  # (B, 1, W, Lk)
 
     out = torch.empty(batch, num_heads, seq_len, dtype=acc, device=query.device)
     # One KV head at a time: its whole query group shares the keys, so K is read
     # once per group and never repeated across the group in memory.
     for kv_head in range(num_kv_heads):
         heads = slice(kv_head * group, (kv_head + 1) * group)
-        q_win = query[:, heads, seq_len - window :, :].to(acc)  # (B, G, W, D)
-        k = key[:, kv_head : kv_head + 1, :, :].to(acc)  # (B, 1, L, D)
-        logits = torch.matmul(q_win, k.transpose(-1, -2)) * scale  # (B, G, W, L)
+        q_win = query[:, heads, query_len - window :, :].to(acc)  # (B, G, W, D)
+        k = key[:, kv_head : kv_head + 1, :, :].to(acc)  # (B, 1, Lk, D)
+        logits = torch.matmul(q_win, k.transpose(-1, -2)) * scale  # (B, G, W, Lk)
         logits = logits.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         out[:, heads] = probs.mean(dim=2)
@@ -71,14 +73,31 @@ def gather_kept_ref(
         L - 1; they sit at the end of every causal sequence, so valid rows never
         attend to them.
     """
-    batch, num_heads, seq_len, _ = query.shape
-    num_kv_heads = key.shape[1]
-    group = num_heads // num_kv_heads
+    seq_len = query.shape[2]
     idx = kept_idx.clamp(max=seq_len - 1)
     q_c = torch.gather(query, 2, idx[..., None].expand(-1, -1, -1, query.shape[-1]))
+    k_c, v_c = gather_kv_ref(key, value, kept_idx)
+    return q_c, k_c, v_c
+
+
+def gather_kv_ref(key: torch.Tensor, value: torch.Tensor, kept_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress K/V alone: rows of the kept keys of every query head (the K/V half of :func:`gather_kept_ref`).
+
+    Args:
+        key, value: (B, Hkv, Lk, D) (value may have its own Dv).
+        kept_idx: (B, H, K) int64 key positions, H a multiple of Hkv; entries
+            equal to Lk are padding (they read row Lk - 1).
+
+    Returns:
+        k: (B, H, K, D) and v: (B, H, K, Dv).
+    """
+    batch, num_heads, _ = kept_idx.shape
+    num_kv_heads, seq_len = key.shape[1], key.shape[2]
+    group = num_heads // num_kv_heads
+    idx = kept_idx.clamp(max=seq_len - 1)
     # Address K/V rows as (kv_head * L + position) in a flat (B, Hkv * L, D) view,
     # so each query head reads its KV head's rows without repeating K/V to H heads.
-    kv_of_head = torch.arange(num_heads, device=query.device) // group
+    kv_of_head = torch.arange(num_heads, device=kept_idx.device) // group
     flat_idx = (kv_of_head[None, :, None] * seq_len + idx).reshape(batch, -1)  # (B, H * K)
 
     def take(x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +105,7 @@ def gather_kept_ref(
         rows = torch.gather(x.reshape(batch, num_kv_heads * seq_len, dim), 1, flat_idx[..., None].expand(-1, -1, dim))
         return rows.view(batch, num_heads, -1, dim)
 
-    return q_c, take(key), take(value)
+    return take(key), take(value)
 
 
 def scatter_kept_ref(

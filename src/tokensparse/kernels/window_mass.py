@@ -74,7 +74,7 @@ def _window_stats_kernel(
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_mb, stride_ml,
-    num_heads, seq_len, window, chunk_len, num_chunks, qk_scale,
+    num_heads, seq_len, q_shift, window, chunk_len, num_chunks, qk_scale,
     GROUP: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -95,7 +95,7 @@ def _window_stats_kernel(
     # -- load the window query block once --
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     q = tl.load(
-        q_base + q_pos.to(tl.int64)[:, None] * stride_ql + d[None, :] * stride_qd,
+        q_base + (q_pos - q_shift).to(tl.int64)[:, None] * stride_ql + d[None, :] * stride_qd,
         mask=row_ok[:, None] & d_ok[None, :], other=0.0,
     )
     if UPCAST:
@@ -146,7 +146,7 @@ def _window_mass_kernel(
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_mb, stride_ml,
-    num_kv_heads, seq_len, window, qk_scale, inv_window,
+    num_kv_heads, seq_len, q_shift, window, qk_scale, inv_window,
     GROUP: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -190,7 +190,7 @@ def _window_mass_kernel(
             row_ok = rows < window
             q_pos = seq_len - window + rows
             q = tl.load(
-                q_base + q_pos.to(tl.int64)[:, None] * stride_ql + d[None, :] * stride_qd,
+                q_base + (q_pos - q_shift).to(tl.int64)[:, None] * stride_ql + d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0,
             )
             # Rows past the window read lse = +inf, so their probabilities are 0.
@@ -253,22 +253,24 @@ def window_mass(
     """Triton version of :func:`~tokensparse.kernels.reference.window_mass_ref`.
 
     Args:
-        query: (B, H, L, D) float16/bfloat16/float32, any strides.
-        key: (B, Hkv, L, D), H a multiple of Hkv, any strides.
-        window: W, 1 <= W <= L.
+        query: (B, H, Lq, D) float16/bfloat16/float32, any strides: the last Lq
+            positions of the keys' sequence (Lq <= Lk; only the last W rows are read).
+        key: (B, Hkv, Lk, D), H a multiple of Hkv, any strides.
+        window: W, 1 <= W <= Lq.
         scale: softmax scale, default 1 / sqrt(D).
-        key_padding_mask: optional (B, L) bool, True for real tokens.
+        key_padding_mask: optional (B, Lk) bool, True for real tokens.
         stats_config, mass_config: force the launch settings of pass 1 / pass 2
             (default: the fastest candidate, measured once per shape class on a GPU).
 
     Returns:
-        (B, H, L) float32 mean window softmax mass per key. Window rows that see
+        (B, H, Lk) float32 mean window softmax mass per key. Window rows that see
         no real key (padding) contribute nothing instead of NaN.
     """
     check_kernel_dtype("window_mass", query, key)
-    batch, num_heads, seq_len, head_dim = query.shape
-    if not 1 <= window <= seq_len:
-        raise ValueError(f"window must be in [1, L={seq_len}], got {window}")
+    batch, num_heads, query_len, head_dim = query.shape
+    seq_len = key.shape[2]
+    if not 1 <= window <= query_len <= seq_len:
+        raise ValueError(f"window must be in [1, Lq={query_len}] and Lq <= Lk={seq_len}, got window {window}")
     scale = head_dim**-0.5 if scale is None else float(scale)
     args = _Args(query, key, window, scale * _LOG2E, key_padding_mask)
     shape_class = (num_heads // key.shape[1], head_dim, query.dtype, window, key_padding_mask is not None,
@@ -326,7 +328,8 @@ def _mask_args(a: _Args):
 def _stats(a: _Args, c: LaunchConfig) -> torch.Tensor:
     """Pass 1 and the combine: (B * H, W) log2-sum-exp2 of each window row."""
     query, key, window = a.query, a.key, a.window
-    batch, num_heads, seq_len, head_dim = query.shape
+    batch, num_heads, query_len, head_dim = query.shape
+    seq_len = key.shape[2]
     mask, stride_mb, stride_ml = _mask_args(a)
     rows_blocks = triton.cdiv(window, c.block_m)
     # Enough key chunks to fill the GPU, each a multiple of the key block.
@@ -339,7 +342,7 @@ def _stats(a: _Args, c: LaunchConfig) -> torch.Tensor:
     _window_stats_kernel[(batch * num_heads, num_chunks, rows_blocks)](
         query, key, mask, m_part, l_part,
         *query.stride(), *key.stride(), stride_mb, stride_ml,
-        num_heads, seq_len, window, chunk_len, num_chunks, a.qk_scale,
+        num_heads, seq_len, seq_len - query_len, window, chunk_len, num_chunks, a.qk_scale,
         GROUP=num_heads // key.shape[1], HAS_MASK=a.key_padding_mask is not None, HEAD_DIM=head_dim,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         DOT_PRECISION=dot_precision(query.dtype), UPCAST=interpreting(),
@@ -356,14 +359,14 @@ def _stats(a: _Args, c: LaunchConfig) -> torch.Tensor:
 def _mass(a: _Args, lse: torch.Tensor, c: LaunchConfig) -> torch.Tensor:
     """Pass 2: (B, H, L) mean mass, the key tile read once for the whole group."""
     query, key, window = a.query, a.key, a.window
-    batch, num_heads, seq_len, head_dim = query.shape
-    num_kv_heads = key.shape[1]
+    batch, num_heads, query_len, head_dim = query.shape
+    num_kv_heads, seq_len = key.shape[1], key.shape[2]
     mask, stride_mb, stride_ml = _mask_args(a)
     out = torch.empty(batch, num_heads, seq_len, device=query.device, dtype=torch.float32)
     _window_mass_kernel[(batch * num_kv_heads, triton.cdiv(seq_len, c.block_n))](
         query, key, mask, lse, out,
         *query.stride(), *key.stride(), stride_mb, stride_ml,
-        num_kv_heads, seq_len, window, a.qk_scale, 1.0 / window,
+        num_kv_heads, seq_len, seq_len - query_len, window, a.qk_scale, 1.0 / window,
         GROUP=num_heads // num_kv_heads, HAS_MASK=a.key_padding_mask is not None, HEAD_DIM=head_dim,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         DOT_PRECISION=dot_precision(query.dtype), UPCAST=interpreting(),

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from ..attention import attend_selected
+from ..attention import attend_selected, check_chunk_support
 from ..config import TokenSparseConfig
 from ..selection import select_tokens, static_dense
 from .registry import (
@@ -70,7 +70,12 @@ def token_sparse_prefill(
     inner=None,
 ):
     """Select, attend on the kept tokens, decompress; ``(None, selection)`` when nothing is dropped
-    and there is no inner attention (the caller's dense attention runs)."""
+    and there is no inner attention (the caller's dense attention runs).
+
+    query (B, H, Lq, D) may be a chunk after a cached prefix (Lq <= Lk, see
+    :func:`tokensparse.token_sparse_attention`); the caller's dense attention
+    must then be bottom-right causal."""
+    check_chunk_support(query, key, config, inner)
     selection = select_tokens(query, key, config, scale=scale, key_padding_mask=key_padding_mask)
     if selection.kept_idx is None:
         if inner is None:
