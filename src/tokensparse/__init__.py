@@ -6,6 +6,7 @@ Public API:
     select_tokens            the selection stage alone (scores, budget, top-k)
     TokenSelection           what select_tokens returns
     enable / disable         switch a transformers model to a method (spec, config or plan) and back
+    prefill                  fill a KV cache chunk by chunk (token sparse after the cached prefix)
     methods                  the registry of attention methods and their spec strings
     build_plan / LayerPlan   which method runs in which decoder layer
     selection_report         per-layer, per-head kept counts of recorded prefills
@@ -16,7 +17,7 @@ Public API:
 from . import methods, models
 from .attention import token_sparse_attention
 from .config import TokenSparseConfig
-from .integrations.transformers import disable, enable, selection_report
+from .integrations.transformers import disable, enable, prefill, selection_report
 from .plan import LayerPlan, build_plan
 from .report import format_selection_report, summarize_selection
 from .selection import TokenSelection, select_tokens
@@ -33,6 +34,7 @@ __all__ = [
     "select_tokens",
     "enable",
     "disable",
+    "prefill",
     "selection_report",
     "format_selection_report",
     "summarize_selection",

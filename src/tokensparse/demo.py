@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -13,6 +12,7 @@ from . import models
 from .config import TokenSparseConfig
 from .methods import MethodSpec, as_spec
 from .eval.niah import build_needle_prompt, is_correct
+from .integrations.hf import cache_kwarg
 from .integrations.transformers import LayerRecord, disable, enable, selection_report, sparse_layers_of
 
 
@@ -47,9 +47,7 @@ def greedy_answer(model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> t
     """
     from transformers import DynamicCache
 
-    # transformers renamed `past_key_values` to `cache` in 5.x; the cache object is
-    # updated in place, so passing it under whichever name forward() takes suffices.
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_kwarg(model)
     cache = DynamicCache(config=model.config)
     sync = torch.cuda.synchronize if input_ids.device.type == "cuda" else (lambda: None)
     eos = model.generation_config.eos_token_id

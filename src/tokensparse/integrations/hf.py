@@ -55,6 +55,14 @@ def num_hidden_layers(model: torch.nn.Module, layers: list[torch.nn.Module]) -> 
     return getattr(config, "num_hidden_layers", None) or (max(m.layer_idx for m in layers) + 1)
 
 
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name ``model.forward`` takes a KV cache under: transformers renamed
+    ``past_key_values`` to ``cache`` in 5.x; the cache is updated in place either way."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def registered_name(base: str, implementation: str) -> str:
     """Our attention name for a model loaded with ``implementation`` (one mask builder per name)."""
     return base if implementation == "sdpa" else f"{base}_{re.sub(r'[^A-Za-z0-9]+', '_', implementation)}"
@@ -117,25 +125,34 @@ def prefill_guard(
     attention_mask: torch.Tensor | None,
     dropout: float,
     kwargs: dict[str, Any],
+    *,
+    chunks: bool = False,
 ) -> tuple[torch.Tensor | None, str | None]:
     """(key_padding_mask, reason) of a prefill call.
 
     ``reason`` says why the call must run the model's own attention (None when
-    a sparse method applies); ``key_padding_mask`` is the (B, L) bool left
+    a sparse method applies); ``key_padding_mask`` is the (B, Lk) bool left
     padding read from ``attention_mask`` (None without padding information, or
-    when ``reason`` is set).
+    when ``reason`` is set). ``chunks``: the method takes queries after a cached
+    prefix (Lq < Lk).
     """
-    reason = unsupported_reason(module, query, key, dropout, kwargs)
+    reason = unsupported_reason(module, query, key, dropout, kwargs, chunks=chunks)
     if reason is not None or attention_mask is None:
         return None, reason
-    key_padding_mask = left_padding_from_mask(attention_mask, query.shape[2])
+    key_padding_mask = left_padding_from_mask(attention_mask, query.shape[2], key.shape[2])
     if key_padding_mask is None:
         return None, "the attention mask is not causal with left padding (packed sequences or a custom mask)"
     return key_padding_mask, None
 
 
 def unsupported_reason(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, dropout: float, kwargs: dict[str, Any]
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    dropout: float,
+    kwargs: dict[str, Any],
+    *,
+    chunks: bool = False,
 ) -> str | None:
     """Why the sparse methods cannot honour this call's attention, or None.
 
@@ -143,8 +160,8 @@ def unsupported_reason(
     listed here; anything it does not name (a family's new keyword) is refused
     by :func:`unknown_options`.
     """
-    if query.shape[2] != key.shape[2]:
-        return "queries after a cached prefix (chunked prefill or a pre-filled cache) are not supported"
+    if query.shape[2] > key.shape[2] or (query.shape[2] < key.shape[2] and not chunks):
+        return "queries after a cached prefix (chunked prefill or a pre-filled cache) are not supported by this method"
     if dropout and module.training:
         return "attention dropout during training is not supported"
     if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
@@ -179,29 +196,35 @@ def unknown_options(kwargs: dict[str, Any]) -> list[str]:
     return sorted(k for k, v in kwargs.items() if v is not None and k not in _HARMLESS)
 
 
-def left_padding_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor | None:
-    """(B, L) bool key padding if ``attention_mask`` is causal with left padding, else None.
+def left_padding_from_mask(
+    attention_mask: torch.Tensor, seq_len: int, key_len: int | None = None
+) -> torch.Tensor | None:
+    """(B, Lk) bool key padding if ``attention_mask`` is causal with left padding, else None.
 
     Accepts transformers' 4D bool masks (True = attend) and additive float masks
-    (0 = attend), shaped (B, 1, L, L), and 2D padding masks (B, L) (1 = real token,
-    as flash attention's mask builder gives them).
+    (0 = attend), shaped (B, 1, Lq, Lk) with the queries at the last Lq positions
+    (``seq_len`` = Lq, ``key_len`` = Lk, default Lq), and 2D padding masks (B, Lk)
+    (1 = real token, as flash attention's mask builder gives them).
     """
+    key_len = seq_len if key_len is None else key_len
     if attention_mask.dim() == 2:
-        if attention_mask.shape[-1] != seq_len:
+        if attention_mask.shape[-1] != key_len:
             return None
         real = attention_mask.bool()
         return None if bool((real[:, 1:] < real[:, :-1]).any()) else real
-    if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (seq_len, seq_len) or attention_mask.shape[1] != 1:
+    if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (seq_len, key_len) or attention_mask.shape[1] != 1:
         return None
     allowed = attention_mask[:, 0] if attention_mask.dtype == torch.bool else attention_mask[:, 0] == 0
     # The last query sees every real key, so its row is the key padding mask.
     real = allowed[:, -1, :]
     if bool((real[:, 1:] < real[:, :-1]).any()):
         return None
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=allowed.device).tril()
+    # Causal by absolute position: query i sits at key_len - seq_len + i.
+    causal = torch.ones(seq_len, key_len, dtype=torch.bool, device=allowed.device).tril(key_len - seq_len)
     expected = causal[None] & real[:, None, :]
     # Rows of padded queries are irrelevant (their output is zeroed).
-    if not bool(((allowed == expected) | ~real[:, :, None]).all()):
+    query_real = real[:, key_len - seq_len:]
+    if not bool(((allowed == expected) | ~query_real[:, :, None]).all()):
         return None
     return real
 

@@ -32,6 +32,7 @@ from ..plan import LayerPlan, build_plan
 from ..selection import TokenSelection
 from .hf import (
     attach,
+    cache_kwarg,
     attention_layers,
     attention_layers_checked,
     detach,
@@ -206,6 +207,62 @@ def selection_report(model: torch.nn.Module, *, clear: bool = False) -> list[dic
     return prefills
 
 
+@torch.inference_mode()
+def prefill(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    cache: Any = None,
+) -> tuple[Any, torch.Tensor]:
+    """Prefill a prompt into a KV cache, ``chunk_size`` tokens per forward pass.
+
+    Each chunk after the first attends over the cached prefix: with a token
+    sparse method enabled (zero rows, no inner block-sparse method), its last
+    ``window`` queries score every key so far, and with ``budget="keep_tokens"``
+    a chunk attends over at most ``keep_tokens + window`` keys whatever the
+    prefix length. Other methods run those chunks with the model's own attention
+    (a warning once).
+
+    Args:
+        model: a transformers causal LM (enabled or not).
+        input_ids: (B, L) token ids.
+        chunk_size: tokens per forward pass (default: the whole prompt at once).
+        attention_mask: optional (B, L) padding mask (1 = real token, left padding).
+        cache: a cache to extend (e.g. holding an earlier turn); default a new
+            ``DynamicCache``.
+
+    Returns:
+        (cache, logits): the filled cache (continue with ``model.generate(...,
+        past_key_values=cache)``) and (B, V) logits of the last position.
+    """
+    from transformers import DynamicCache
+
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must have shape (B, L) with L >= 1, got {tuple(input_ids.shape)}")
+    length = input_ids.shape[1]
+    if chunk_size is None:
+        chunk_size = length
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    past = cache.get_seq_length()
+    arg = cache_kwarg(model)
+    logits = None
+    for start in range(0, length, chunk_size):
+        end = min(start + chunk_size, length)
+        kwargs: dict[str, Any] = {arg: cache, "use_cache": True, "logits_to_keep": 1}
+        if attention_mask is not None:
+            prefix = attention_mask.new_ones(attention_mask.shape[0], past)
+            kwargs["attention_mask"] = torch.cat([prefix, attention_mask[:, :end]], dim=1)
+        logits = model(input_ids=input_ids[:, start:end], **kwargs).logits[:, -1]
+    return cache, logits
+
+
 def sparse_layers_of(model: torch.nn.Module) -> tuple[int, ...]:
     """Indices of the layers that run the enabled method (token sparse's sparse layers)."""
     return plan_of(model).sparse_layers
@@ -250,7 +307,9 @@ def sparse_attention_forward(
     if seq_len < entry.min_length or method.runs_dense(entry.spec.config, seq_len):
         _record_dense(state, module, query, key, attention_mask, entry)
         return own()
-    key_padding_mask, reason = prefill_guard(module, query, key, attention_mask, dropout, kwargs)
+    key_padding_mask, reason = prefill_guard(
+        module, query, key, attention_mask, dropout, kwargs, chunks=method.chunks(entry.spec.config)
+    )
     if reason is not None:
         warn_once(logger, f"{reason}: running the model's own attention ({state.previous_attn})")
         _record_dense(state, module, query, key, attention_mask, entry)
@@ -288,10 +347,10 @@ def _head_group(state: _ModelState, module: torch.nn.Module, query: torch.Tensor
 def _record_dense(state: _ModelState, module, query, key, attention_mask, entry) -> None:
     """With recording on, a prefill that a token-selecting layer ran densely is recorded as
     such (every head keeps every real token), so a report lists every sparse layer."""
-    if not state.record or entry.spec.method.layers != LAYERS_SPARSE or query.shape[2] != key.shape[2]:
+    if not state.record or entry.spec.method.layers != LAYERS_SPARSE:
         return
     batch, num_heads, seq_len = query.shape[0], query.shape[1], key.shape[2]
-    real = None if attention_mask is None else left_padding_from_mask(attention_mask, seq_len)
+    real = None if attention_mask is None else left_padding_from_mask(attention_mask, query.shape[2], seq_len)
     seq_lens = [seq_len] * batch if real is None else real.sum(-1).tolist()
     state.add(
         LayerRecord(
@@ -315,6 +374,7 @@ __all__ = [
     "enable",
     "disable",
     "selection_report",
+    "prefill",
     "sparse_layers_of",
     "plan_of",
     "attention_layers",

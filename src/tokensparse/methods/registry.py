@@ -53,6 +53,9 @@ class Method:
             ``None`` if the method cannot serve there.
         estimate: ``estimate(query, key, config)`` -> the block pattern alone, for
             block-sparse methods (benchmarks time it apart from the kernel).
+        chunks: ``chunks(config)``: True when ``prefill`` takes a chunk after a cached
+            prefix (query (B, H, Lq, D) at the last Lq of Lk key positions);
+            otherwise such calls run the caller's own attention.
         layers: ``"all"``: the method runs on every decoder layer;
             ``"sparse"``: on the model's sparse layers (from ``sparse_layers(config)``,
             else a layer profile), with ``others(config)`` on the rest.
@@ -73,6 +76,7 @@ class Method:
     runs_dense: Callable[[Any, int], bool] = lambda config, seq_len: False
     inner: Callable[[Any], Callable[..., Any]] | None = None
     estimate: Callable[..., Any] | None = None
+    chunks: Callable[[Any], bool] = lambda config: False
     layers: str = LAYERS_ALL
     sparse_layers: Callable[[Any], tuple[int, ...] | None] = lambda config: None
     others: Callable[[Any], "MethodSpec | None"] = lambda config: None

@@ -94,6 +94,7 @@ TOKEN_SPARSE = register_method(
         config_type=TokenSparseConfig,
         prefill=token_sparse_prefill,
         runs_dense=lambda config, seq_len: static_dense(config, seq_len),
+        chunks=lambda config: config.dropped_rows == "zero",
         layers=LAYERS_SPARSE,
         sparse_layers=lambda config: config.sparse_layers,
         canonical=token_sparse_settings,
