@@ -85,3 +85,28 @@ def test_needle_prompt_has_the_asked_length(smollm2, length):
     assert abs(prompt.num_tokens - length) <= 2
     text = smollm2.tokenizer.decode(prompt.input_ids[0])
     assert "The special magic number is 7481926." in text
+
+
+@pytest.mark.model
+def test_export_writes_a_folder_that_loads_with_the_same_logits(smollm2, tmp_path):
+    import json
+
+    folder = models.export("smollm2", tmp_path / "smollm2", dtype=torch.float32)
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["num_hidden_layers"] == 30
+    again = models.load(str(folder), device="cpu")
+    ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert again.tokenizer("The capital of France is", return_tensors="pt").input_ids.tolist() == ids.tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids).logits, smollm2.model(ids).logits, rtol=0, atol=0)
+
+
+def test_export_refuses_a_bad_dtype_and_a_file_as_folder(tmp_path):
+    with pytest.raises(ValueError, match="dtype"):
+        models.export("smollm2", tmp_path / "x", dtype=torch.int8)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="folder"):
+        models.export("smollm2", tmp_path / "file")

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_profile(sub)
     _add_sensitivity(sub)
     _add_eval(sub)
+    _add_models(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run: Callable[[argparse.Namespace], int] = args.run
@@ -92,6 +93,32 @@ def _run_demo(args: argparse.Namespace) -> int:
         print("what each sparse layer kept (share of the prompt's tokens, over heads):")
         print(format_selection_report(result.selection))
     return 0 if all(r.correct for r in result.runs) else 1
+
+
+# ---------------------------------------------------------------- models
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="model files: export the embedded model for other engines")
+    models = p.add_subparsers(dest="models", required=True)
+    e = models.add_parser("export", help="write a model as a Hugging Face folder (config.json, safetensors, "
+                          "tokenizer) that vLLM and other engines load offline")
+    e.add_argument("model", help="model name, hub id or path (smollm2: the embedded SmolLM2)")
+    e.add_argument("folder", help="output folder")
+    e.add_argument("--dtype", default="bfloat16", choices=_DTYPES, help="weight dtype written (default bfloat16)")
+    e.set_defaults(run=_run_models_export)
+
+
+def _run_models_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import export
+
+    folder = export(args.model, args.folder, dtype=getattr(torch, args.dtype))
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    print(f"wrote {args.model} to {folder}: {', '.join(files)}")
+    return 0
 
 
 # ---------------------------------------------------------------- bench

@@ -210,3 +210,50 @@ def _check_loadable(name: str) -> None:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def export(name_or_path: str, folder: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write a model as a plain Hugging Face folder (config.json, safetensors, tokenizer).
+
+    Engines that read ``config.json`` (vLLM, text-generation-inference) cannot load
+    the embedded GGUF, and transformers refuses ``save_pretrained`` on a
+    GGUF-quantized model; so a fresh model is built from the config (without its
+    ``quantization_config``), the dequantized weights are loaded into it, and that
+    model is saved.
+
+    Args:
+        name_or_path: what :func:`load` takes (``"smollm2"``: the embedded model).
+        folder: the output folder (created; files in it are overwritten).
+        dtype: the weight dtype written (default bfloat16).
+
+    Returns:
+        The folder's path.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"folder {str(out)!r} exists and is not a folder")
+    loaded = load(name_or_path, device="cpu", dtype=torch.float32)
+    config = loaded.model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = dtype
+    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = fresh.load_state_dict(loaded.model.state_dict(), strict=False)
+    missing = [k for k in missing if not _tied(fresh, k)]
+    if missing or unexpected:
+        raise ValueError(f"cannot export {name_or_path!r}: weights missing {missing[:3]}, unexpected {unexpected[:3]}")
+    out.mkdir(parents=True, exist_ok=True)
+    fresh.save_pretrained(out, safe_serialization=True)
+    loaded.tokenizer.padding_side = "right"  # engines pad themselves; keep the tokenizer's own default
+    loaded.tokenizer.save_pretrained(out)
+    logger.info("exported %s to %s (%s)", name_or_path, out, dtype)
+    return out
+
+
+def _tied(model: Any, key: str) -> bool:
+    """True for the output embedding when the model ties it to the input embedding."""
+    return key == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
