@@ -15,5 +15,5 @@ deactivate
 
 if [ "${TOKENSPARSE_SKIP_VLLM:-0}" != 1 ] && [ $# -eq 0 ]; then
     bash scripts/vllm_env.sh
-    TRITON_INTERPRET=1 .venv-vllm/bin/python -m pytest -q -p no:cacheprovider -m vllm tests/integrations/vllm
+    TRITON_INTERPRET=1 .venv-vllm/bin/python -m pytest -q -p no:cacheprovider -m vllm tests/integrations/with_vllm
 fi

@@ -2,7 +2,7 @@
 
 Runs in the vLLM virtual environment (scripts/test.sh builds it and runs these);
 skipped where vLLM is not importable. Each engine runs in a subprocess
-(tests/integrations/vllm/engine_run.py): vLLM's engine core is a spawned process,
+(tests/integrations/with_vllm/engine_run.py): vLLM's engine core is a spawned process,
 so ``LLM`` must be created under ``__main__``.
 """
 
