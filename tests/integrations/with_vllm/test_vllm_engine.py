@@ -2,7 +2,7 @@
 
 Runs in the vLLM virtual environment (scripts/test.sh builds it and runs these);
 skipped where vLLM is not importable. Each engine runs in a subprocess
-(tests/integrations/with_vllm/engine_run.py): vLLM's engine core is a spawned process,
+(``python -m tokensparse.bench.vllm_engine``): vLLM's engine core is a spawned process,
 so ``LLM`` must be created under ``__main__``.
 """
 
@@ -23,7 +23,6 @@ from tokensparse.integrations.serving import probe_block_order, read_paged, read
 
 pytestmark = [pytest.mark.vllm, pytest.mark.model]
 
-ENGINE = Path(__file__).with_name("engine_run.py")
 SPARSE = "token_sparse:coverage=0.02,sparse_layers=15-29"
 NEEDLE_TOKENS = 3000
 MAX_TOKENS = 20
@@ -90,7 +89,7 @@ def run_engine(folder, ids, tmp_path, *, custom, env=None, max_num_batched_token
     job_path.write_text(json.dumps(job))
     environ = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSPARSE_")}
     environ.update({"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", **(env or {})})
-    done = subprocess.run([sys.executable, str(ENGINE), str(job_path), str(out_path)], env=environ, cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "tokensparse.bench.vllm_engine", str(job_path), str(out_path)], env=environ, cwd=tmp_path,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, f"engine failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return json.loads(out_path.read_text()), done.stderr
