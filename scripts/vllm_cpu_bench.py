@@ -27,14 +27,15 @@ def main() -> None:
                         default=["dense", "token_sparse:coverage=0,sparse_layers=0-29",
                                  "token_sparse:coverage=0.02,sparse_layers=15-29",
                                  "token_sparse:keep_ratio=0.25,sparse_layers=2-29"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--out", default="results/vllm/cpu_prefill.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model or models.export("smollm2", Path(tmp) / "smollm2")
         data = run_vllm_prefill_bench(folder, lengths=tuple(int(x) for x in args.lengths.split(",")),
-                                      methods=tuple(args.methods), repeats=args.repeats,
+                                      methods=tuple(args.methods), repeats=args.repeats, rounds=args.rounds,
                                       max_num_batched_tokens=args.max_num_batched_tokens)
     data["command"] = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
     out = Path(args.out)

