@@ -9,12 +9,15 @@
 #                                                   YaRN x16, 4K-128K) and Llama-3.1-8B (random weights)
 #   OUT=$OUT bash scripts/gpu_session.sh ruler      RULER 4K/8K on the embedded model, $EVAL_METHODS
 #   OUT=$OUT bash scripts/gpu_session.sh niah       NIAH 1K-8K on the embedded model, $EVAL_METHODS
+#   OUT=$OUT bash scripts/gpu_session.sh chunked    chunked prefill: the embedded model at 32K-128K in 8K
+#                                                   chunks (YaRN x16) and at 1M in 16K chunks (YaRN x128),
+#                                                   chunked dense vs token sparse with a fixed key budget
 #
 # TOKENSPARSE_GGUF: path of SmolLM2-135M-Instruct.Q4_1.gguf (prefill, ruler, niah).
 set -uo pipefail
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu}
-STAGE=${1:?stage: kernels, prefill, ruler or niah}
+STAGE=${1:?stage: kernels, prefill, ruler, niah or chunked}
 PY=${PYTHON:-python3}
 GGUF=${TOKENSPARSE_GGUF:-smollm2}
 mkdir -p "$OUT/$STAGE"
@@ -56,6 +59,18 @@ niah)
     timeout 400 $PY -m tokensparse.cli eval niah --model "$GGUF" --methods "$EVAL_METHODS" --out "$OUT/eval" \
         --lengths 1024,2048,3072,4096,5120,6144,7168,8192 --depths 10 --haystack essay --batch-size 128 \
         --no-report --no-progress
+    ;;
+chunked)
+    timeout 100 $PY -m pytest -q -m gpu tests/gpu/test_gpu_chunk.py -p no:cacheprovider
+    KEEP="token_sparse:keep_tokens=8192"
+    timeout 300 $PY -m tokensparse.cli bench prefill --model "$GGUF" --rope-scaling 16 --chunk-size 8192 \
+        --lengths 32768,65536,131072 --reps 3 \
+        --methods "$KEEP,sparse_layers=2-29,$KEEP,sparse_layers=$SAFE,$KEEP,sparse_layers=0-29,token_sparse:keep_tokens=4096,sparse_layers=2-29" \
+        --out "$OUT/chunked/smollm2_128k.json"
+    # 1M: one timed run each (chunked dense takes minutes); the 128K row first warms every kernel.
+    timeout 330 $PY -m tokensparse.cli bench prefill --model "$GGUF" --rope-scaling 128 --chunk-size 16384 \
+        --lengths 131072,1048576 --warmup 0 --reps 1 \
+        --methods "$KEEP,sparse_layers=2-29,$KEEP,sparse_layers=0-29" --out "$OUT/chunked/smollm2_1m.json"
     ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

@@ -211,31 +211,23 @@ def check_chunk_support(
 def _attend_kept_chunk(query, key, value, kept_idx, *, scale, backend, layout) -> torch.Tensor:
     """Compress, attend and decompress a chunk: query (B, H, Lq, D) at the last Lq of Lk positions.
 
-    The compact keys are all of a head's kept positions (``kept_idx``, K
-    slots); the compact queries are those of them inside the chunk (a suffix of
-    each ascending row). Causality on the compact tensors is by absolute
-    position, so it is bottom-right aligned: a mask from the positions.
+    A head's kept positions (``kept_idx``, K ascending slots, padding Lk last)
+    are attended causally in slot order, which is position order: the plain
+    causal SDPA of the whole-prompt op on K x K compact rows. Slots before the
+    chunk have no query in this call; they read any chunk row and are written,
+    with the padding, to the spare row Lq of the scatter. Computing those rows
+    costs at most a K x K causal attention (K is the key budget) and needs no
+    mask and no host sync, where attending only the chunk's rows would need a
+    per-head bottom-right mask.
     """
     ops_for_chunk(query, backend)  # checks the backend; logs the Triton fallback once
     query_len, seq_len = query.shape[2], key.shape[2]
-    offset = seq_len - query_len
-    num_slots = kept_idx.shape[-1]
-    before_chunk = (kept_idx < offset).sum(dim=-1, keepdim=True)  # (B, H, 1)
-    in_chunk = (kept_idx < seq_len).sum(dim=-1, keepdim=True) - before_chunk
-    # The compact query length sizes the tensors: one host sync.
-    num_rows = max(int(in_chunk.max()), 1)
-    slots = before_chunk + torch.arange(num_rows, device=kept_idx.device)  # (B, H, Qc)
-    positions = kept_idx.gather(-1, slots.clamp(max=num_slots - 1))
-    # Padding (position Lk, or slots past the row) becomes chunk row Lq: the
-    # spare row of the scatter.
-    positions = torch.where(slots < num_slots, positions, seq_len)
-    rows = positions - offset  # (B, H, Qc) in [0, Lq]
+    # Row in the chunk of every kept slot; before the chunk or padding (Lk - offset == Lq): the spare row Lq.
+    rows = kept_idx - (seq_len - query_len)
+    rows = torch.where(rows >= 0, rows, query_len)
     q_c = torch.gather(query, 2, rows.clamp(max=query_len - 1)[..., None].expand(-1, -1, -1, query.shape[-1]))
     k_c, v_c = reference.gather_kv_ref(key, value, kept_idx)
-    # Padding keys (Lk) are seen by no valid row; padding rows see every key and
-    # are scattered into the spare row.
-    mask = kept_idx[..., None, :] <= positions[..., :, None]  # (B, H, Qc, K)
-    out_c = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask, scale=scale)
+    out_c = F.scaled_dot_product_attention(q_c, k_c, v_c, is_causal=True, scale=scale)
     return reference.scatter_kept_ref(out_c, rows, query_len, layout)
 
 

@@ -146,6 +146,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--reps", type=int, default=2, help="least timed runs per measurement (median)")
     f.add_argument("--budget-ms", type=float, default=1.0,
                    help="keep timing until this much time is spent (more runs at short prompts; default 1: --reps decides)")
+    f.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill in chunks of this many tokens through a KV cache, dense and sparse alike "
+                   "(default: the whole prompt in one forward)")
     f.add_argument("--device", default=None)
     f.add_argument("--out", default="runs/bench/prefill.json", help="JSON output (default: runs/bench/prefill.json)")
     f.add_argument("--plot", default=None)
@@ -269,6 +272,7 @@ def _run_bench_prefill(args: argparse.Namespace) -> int:
         model=args.model, lengths=tuple(lengths), batch=args.batch, methods=tuple(s.label for s in args.methods),
         rope_scaling=args.rope_scaling, profile=args.profile, min_lengths=tuple(args.min_lengths),
         warmup=args.warmup, min_reps=args.reps, budget_ms=args.budget_ms, device=args.device,
+        chunk_size=args.chunk_size,
     )
     return _run_bench(run_prefill_bench, cfg, args, plot_prefill, summary_lines)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -215,6 +215,7 @@ def prefill(
     chunk_size: int | None = None,
     attention_mask: torch.Tensor | None = None,
     cache: Any = None,
+    on_chunk: Callable[[int, int], None] | None = None,
 ) -> tuple[Any, torch.Tensor]:
     """Prefill a prompt into a KV cache, ``chunk_size`` tokens per forward pass.
 
@@ -232,6 +233,8 @@ def prefill(
         attention_mask: optional (B, L) padding mask (1 = real token, left padding).
         cache: a cache to extend (e.g. holding an earlier turn); default a new
             ``DynamicCache``.
+        on_chunk: called with (start, end) token offsets in ``input_ids`` after
+            each chunk's forward is issued (a benchmark marks time there).
 
     Returns:
         (cache, logits): the filled cache (continue with ``model.generate(...,
@@ -260,6 +263,8 @@ def prefill(
             prefix = attention_mask.new_ones(attention_mask.shape[0], past)
             kwargs["attention_mask"] = torch.cat([prefix, attention_mask[:, :end]], dim=1)
         logits = model(input_ids=input_ids[:, start:end], **kwargs).logits[:, -1]
+        if on_chunk is not None:
+            on_chunk(start, end)
     return cache, logits
 
 
