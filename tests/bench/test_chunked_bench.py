@@ -90,3 +90,12 @@ def test_bench_prefill_chunked_cli(tmp_path):
         from tokensparse.bench.prefill import PrefillBenchConfig
 
         PrefillBenchConfig(chunk_size=0)
+
+
+def test_short_label_writes_layer_runs_as_ranges():
+    from tokensparse.bench.prefill import short_label
+
+    label = parse_method("token_sparse:keep_tokens=64,sparse_layers=0-2;5;7-9").label
+    assert "sparse_layers=0;1;2;5;7;8;9" in label
+    assert short_label(label).endswith("sparse_layers=0-2;5;7-9")
+    assert short_label("dense") == "dense"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -302,6 +303,22 @@ def _outside_attention_ms(model, run, device: torch.device, cfg: PrefillBenchCon
         model.set_attn_implementation(previous)
 
 
+def short_label(label: str) -> str:
+    """A label with its layer lists as ranges ("sparse_layers=2;3;4;7" -> "sparse_layers=2-4;7"), for legends."""
+
+    def ranges(match: re.Match) -> str:
+        layers = [int(x) for x in match.group(2).split(";")]
+        runs: list[list[int]] = []
+        for layer in layers:
+            if runs and layer == runs[-1][1] + 1:
+                runs[-1][1] = layer
+            else:
+                runs.append([layer, layer])
+        return match.group(1) + ";".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+    return re.sub(r"(sparse_layers=)(\d+(?:;\d+)*)", ranges, label)
+
+
 def plot_prefill(data: dict[str, Any], path: str) -> None:
     """TTFT against length per mode (log-log), from the JSON dict only; chunked runs add the
     time of each chunk against its prefix at the longest length."""
@@ -311,15 +328,16 @@ def plot_prefill(data: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     chunked = bool(data.get("meta", {}).get("chunk_size")) and bool(data["results"])
-    fig, axes = plt.subplots(1, 4 if chunked else 3, figsize=(22 if chunked else 17, 4.8))
+    fig, axes = plt.subplots(1, 4 if chunked else 3, figsize=(20 if chunked else 15, 5.6))
     ax1, ax2, ax3 = axes[:3]
     ax4 = axes[3] if chunked else None
     labels = list(data["results"][0]["modes"]) if data["results"] else []
     lengths = [r["seq_len"] for r in data["results"]]
     for label in labels:
-        ax1.plot(lengths, [r["modes"][label]["ttft_ms"] / 1e3 for r in data["results"]], "o-", label=label)
-        ax2.plot(lengths, [r["modes"][label]["speedup_vs_dense"] for r in data["results"]], "o-", label=label)
-        ax3.plot(lengths, [r["modes"][label]["attention_ms"] / 1e3 for r in data["results"]], "o-", label=label)
+        name = short_label(label)
+        ax1.plot(lengths, [r["modes"][label]["ttft_ms"] / 1e3 for r in data["results"]], "o-", label=name)
+        ax2.plot(lengths, [r["modes"][label]["speedup_vs_dense"] for r in data["results"]], "o-", label=name)
+        ax3.plot(lengths, [r["modes"][label]["attention_ms"] / 1e3 for r in data["results"]], "o-", label=name)
     ax3.plot(lengths, [r["outside_attention_ms"] / 1e3 for r in data["results"]], "k--", label="outside attention")
     ax2.axhline(1.0, color="gray", lw=0.8)
     ax3.set_yscale("log")
@@ -327,21 +345,21 @@ def plot_prefill(data: dict[str, Any], path: str) -> None:
     for ax in (ax1, ax2, ax3):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt tokens")
-        ax.legend(fontsize=6)
     if chunked:
         longest = max(data["results"], key=lambda r: r["seq_len"])
         for label in labels:
-            ax4.plot(longest["chunk_prefix_tokens"], longest["modes"][label]["chunk_ms"], ".-", label=label)
+            ax4.plot(longest["chunk_prefix_tokens"], longest["modes"][label]["chunk_ms"], ".-", label=short_label(label))
         ax4.set_xlabel(f"prefix tokens before the chunk ({longest['seq_len']}-token prompt)")
         ax4.set_ylabel(f"ms per {data['meta']['chunk_size']}-token chunk")
         ax4.set_yscale("log")
-        ax4.legend(fontsize=6)
     ax1.set_yscale("log")
     ax1.set_ylabel("time to first token (s)")
     ax2.set_ylabel("speedup over dense")
     meta = data.get("meta", {})
     fig.suptitle(f"{meta.get('model')} on {meta.get('gpu', meta.get('device'))}", fontsize=9)
-    fig.tight_layout()
+    # One legend for every panel (same colours), below them.
+    fig.legend(*ax3.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) + 2) // 2), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
