@@ -85,3 +85,21 @@ def test_needle_prompt_has_the_asked_length(smollm2, length):
     assert abs(prompt.num_tokens - length) <= 2
     text = smollm2.tokenizer.decode(prompt.input_ids[0])
     assert "The special magic number is 7481926." in text
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_readme_chunked_prefill_example_prints_what_the_readme_says(smollm2, monkeypatch, capsys):
+    """The README's chunked prefill example, run as written (on the loaded model), prints its stated output."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Chunked prefill"):]
+    code, printed = re.findall(r"```(?:python)?\n(.*?)```", section, flags=re.S)[:2]
+    monkeypatch.setattr(tokensparse.models, "load", lambda name: smollm2)
+    try:
+        exec(compile(code, "README.md (chunked prefill)", "exec"), {})
+    finally:
+        tokensparse.disable(smollm2.model)
+    assert capsys.readouterr().out == printed
