@@ -88,3 +88,15 @@ def test_short_chunks_run_the_models_own_attention():
     tokensparse.enable(model, SPEC.replace("sparse_layers=0", "sparse_layers=0-3"))
     _, short = tokensparse.prefill(model, ids[:, 190:], cache=dense_cache)
     assert torch.equal(short, ref)
+
+
+def test_left_padded_prefill_numbers_real_tokens():
+    """A padded row's cache holds the keys its unpadded prompt gives (RoPE by real position,
+    as generate numbers tokens), so generate can continue from it."""
+    model = tiny_llama()
+    ids, mask = padded_batch([150, 110], 150)
+    cache, last = tokensparse.prefill(model, ids, chunk_size=64, attention_mask=mask)
+    alone, alone_last = tokensparse.prefill(model, ids[1:, 40:], chunk_size=64)
+    for padded_layer, layer in zip(cache.layers, alone.layers):
+        torch.testing.assert_close(padded_layer.keys[1:, :, 40:], layer.keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last[1:], alone_last, atol=1e-5, rtol=1e-5)
