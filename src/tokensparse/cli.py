@@ -470,6 +470,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--overwrite", action="store_true",
                        help="delete the result files of these methods in --out first (instead of resuming them)")
         q.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (default 1)")
+        q.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                       help="prefill each prompt N tokens per forward pass over a KV cache (tokensparse.prefill); "
+                            "results are methods of their own, '<spec> @ chunk N' (default: the whole prompt at once)")
         q.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
         q.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"), help="weight dtype")
         q.add_argument("--rope-scaling", type=float, default=None, help="YaRN factor for lengths past the context")
@@ -543,6 +546,8 @@ def _load_for_eval(args: argparse.Namespace):
     methods = parse_methods(args.methods)  # fail before the slow load
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be an integer >= 1, got {args.chunk_size}")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     loaded = models.load(args.model, device=args.device, dtype=dtype, rope_scaling_factor=args.rope_scaling)
@@ -576,7 +581,7 @@ def _execute_eval(args: argparse.Namespace, eval_name: str, loaded, methods, sam
     print(f"{eval_name}: {len(samples)} samples x {len(methods)} methods on {loaded.name} ({loaded.device})", file=sys.stderr)
     runs = run_eval(
         loaded, eval_name, samples, methods, args.out, batch_size=args.batch_size, meta=meta, progress=progress,
-        stage=None if args.no_progress else stage, overwrite=args.overwrite,
+        stage=None if args.no_progress else stage, overwrite=args.overwrite, chunk_size=args.chunk_size,
     )
     for run in runs:
         print(f"{run.method}: ran {run.ran}, skipped {run.skipped} finished -> {run.path}")
