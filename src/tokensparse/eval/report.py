@@ -22,7 +22,9 @@ identified by (task, length, sample_id) and its ``sample_hash``), every table
 and plot uses the samples all of them ran, and the report opens that eval's
 section with a warning naming what was left out; methods that share no sample
 are an error. Methods run with different generation settings (``run_key``:
-model, dtype, context, RoPE) are flagged too. Records written before these
+model, dtype, context, RoPE) are flagged too; a chunked prefill
+(``<label> @ chunk N``) is a method of its own, so its chunk size is left out of
+that check. Records written before these
 keys existed count as unknown: their grids are compared by (task, length,
 sample_id) and a note says so.
 """
