@@ -78,12 +78,12 @@ def token_sparse_attention(
     a chunk attends over whatever the prefix length. A chunk row is kept for a
     head when its position is in the head's kept set (kept prefix tokens inside
     the chunk, and the window); it attends over the head's kept keys at
-    positions up to its own. Other rows are zero. Chunks shorter than
-    ``window`` (decode-like calls) run dense. Not supported for Lq < Lk (a
-    ``ValueError``): ``dropped_rows="local"`` and ``inner``. The Triton path
-    covers Lq == Lk only; chunks run the PyTorch stages (a warning is logged
-    once where Triton would have run). With Lq == Lk the op is the whole-prompt
-    op, bit for bit.
+    positions up to its own. Other rows are zero, or with
+    ``dropped_rows="local"`` their sink + local attention by absolute position.
+    Chunks shorter than ``window`` (decode-like calls) run dense. Not supported
+    for Lq < Lk (a ``ValueError``): ``inner``. The Triton path covers Lq == Lk
+    only; chunks run the PyTorch stages (a warning is logged once where Triton
+    would have run). With Lq == Lk the op is the whole-prompt op, bit for bit.
 
     Args:
         query: (B, H, Lq, D) floating point, after RoPE: the last Lq positions,
@@ -117,7 +117,7 @@ def token_sparse_attention(
         config, coverage=coverage, window=window, kernel_size=kernel_size, min_tokens=min_tokens, backend=backend
     )
     check_inputs(query, key, value, key_padding_mask, cached_prefix=True)
-    check_chunk_support(query, key, config, inner)
+    check_chunk_support(query, key, inner)
     selection = select_tokens(query, key, config, scale=scale, key_padding_mask=key_padding_mask)
     if selection.kept_idx is None:
         attend = dense_causal_attention if inner is None else inner
@@ -161,9 +161,10 @@ def attend_selected(
     if selection.kept_idx is None:
         raise ValueError("selection.kept_idx is None (every sequence runs dense); use dense attention")
     if query.shape[2] != key.shape[2]:
-        check_chunk_support(query, key, config, inner)
-        return _attend_kept_chunk(query, key, value, selection.kept_idx, scale=scale, backend=backend, layout=layout)
-    out = _attend_kept(query, key, value, selection, scale=scale, backend=backend, layout=layout, inner=inner)
+        check_chunk_support(query, key, inner)
+        out = _attend_kept_chunk(query, key, value, selection.kept_idx, scale=scale, backend=backend, layout=layout)
+    else:
+        out = _attend_kept(query, key, value, selection, scale=scale, backend=backend, layout=layout, inner=inner)
     if config is None or config.dropped_rows == "zero":
         return out
     fill_dropped_rows(
@@ -190,9 +191,7 @@ def _attend_kept(query, key, value, selection, *, scale, backend, layout, inner)
     return ops.scatter_kept(out_c, selection.kept_idx, query.shape[2], layout)
 
 
-def check_chunk_support(
-    query: torch.Tensor, key: torch.Tensor, config: TokenSparseConfig | None, inner: InnerAttention | None
-) -> None:
+def check_chunk_support(query: torch.Tensor, key: torch.Tensor, inner: InnerAttention | None) -> None:
     """Raise ``ValueError`` for what a chunk after a cached prefix (Lq < Lk) does not support yet."""
     if query.shape[2] == key.shape[2]:
         return
@@ -200,11 +199,6 @@ def check_chunk_support(
         raise ValueError(
             f"an inner attention needs query and key of one length; got Lq={query.shape[2]} < Lk={key.shape[2]} "
             "(a chunk after a cached prefix runs dense SDPA on the kept tokens only)"
-        )
-    if config is not None and config.dropped_rows != "zero":
-        raise ValueError(
-            f"TokenSparseConfig.dropped_rows={config.dropped_rows!r} is not supported for a chunk after a cached "
-            f"prefix (Lq={query.shape[2]} < Lk={key.shape[2]}); use dropped_rows='zero'"
         )
 
 
