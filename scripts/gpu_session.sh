@@ -9,12 +9,17 @@
 #                                                   YaRN x16, 4K-128K) and Llama-3.1-8B (random weights)
 #   OUT=$OUT bash scripts/gpu_session.sh ruler      RULER 4K/8K on the embedded model, $EVAL_METHODS
 #   OUT=$OUT bash scripts/gpu_session.sh niah       NIAH 1K-8K on the embedded model, $EVAL_METHODS
+#   OUT=$OUT bash scripts/gpu_session.sh chunked    chunked prefill: the embedded model at 32K-128K in 8K
+#                                                   chunks (YaRN x16) and at 1M in 16K chunks (YaRN x128),
+#                                                   chunked dense vs token sparse with a fixed key budget
+#   OUT=$OUT bash scripts/gpu_session.sh chunked_ruler   RULER 4K/8K on the embedded model, whole prompt vs
+#   OUT=$OUT bash scripts/gpu_session.sh chunked_niah    1K chunks ($CHUNK_METHODS); NIAH 1K-8K likewise
 #
 # TOKENSPARSE_GGUF: path of SmolLM2-135M-Instruct.Q4_1.gguf (prefill, ruler, niah).
 set -uo pipefail
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu}
-STAGE=${1:?stage: kernels, prefill, ruler or niah}
+STAGE=${1:?stage: kernels, prefill, ruler, niah, chunked, chunked_ruler or chunked_niah}
 PY=${PYTHON:-python3}
 GGUF=${TOKENSPARSE_GGUF:-smollm2}
 mkdir -p "$OUT/$STAGE"
@@ -26,6 +31,8 @@ REC_FP="token_sparse+flexprefill:coverage=0.02,dropped_rows=local,sparse_layers=
 REC_XA="token_sparse+xattention:coverage=0.02,dropped_rows=local,sparse_layers=$SAFE"
 SAFE_ONLY="token_sparse:coverage=0.02,dropped_rows=local,sparse_layers=$SAFE"
 ALL_LAYERS="token_sparse:coverage=0.02,dropped_rows=local,sparse_layers=0-29"
+# Chunks take token sparse with zero rows: the paper's setting and a fixed key budget per chunk.
+CHUNK_METHODS=${CHUNK_METHODS:-"token_sparse,token_sparse:keep_tokens=2048"}
 EVAL_METHODS=${EVAL_METHODS:-"dense,flexprefill,xattention,token_sparse+xattention:keep_ratio=0.5,dropped_rows=local,$ALL_LAYERS,$REC_FP,$REC_XA"}
 
 {
@@ -56,6 +63,30 @@ niah)
     timeout 400 $PY -m tokensparse.cli eval niah --model "$GGUF" --methods "$EVAL_METHODS" --out "$OUT/eval" \
         --lengths 1024,2048,3072,4096,5120,6144,7168,8192 --depths 10 --haystack essay --batch-size 128 \
         --no-report --no-progress
+    ;;
+chunked)
+    timeout 100 $PY -m pytest -q -m gpu tests/gpu/test_gpu_chunk.py -p no:cacheprovider
+    KEEP="token_sparse:keep_tokens=8192"
+    timeout 300 $PY -m tokensparse.cli bench prefill --model "$GGUF" --rope-scaling 16 --chunk-size 8192 \
+        --lengths 32768,65536,131072 --reps 3 \
+        --methods "$KEEP,sparse_layers=2-29,$KEEP,sparse_layers=$SAFE,$KEEP,sparse_layers=0-29,token_sparse:keep_tokens=4096,sparse_layers=2-29" \
+        --out "$OUT/chunked/smollm2_128k.json"
+    # 1M: one timed run each (chunked dense takes minutes); the 128K row first warms every kernel.
+    timeout 330 $PY -m tokensparse.cli bench prefill --model "$GGUF" --rope-scaling 128 --chunk-size 16384 \
+        --lengths 131072,1048576 --warmup 0 --reps 1 \
+        --methods "$KEEP,sparse_layers=2-29,$KEEP,sparse_layers=0-29" --out "$OUT/chunked/smollm2_1m.json"
+    ;;
+chunked_ruler)
+    ARGS=(--model "$GGUF" --out "$OUT/eval" --tasks synthetic --lengths 4096,8192 --samples 10 --batch-size 128
+          --no-report --no-progress)
+    timeout 300 $PY -m tokensparse.cli eval ruler "${ARGS[@]}" --methods "dense,$CHUNK_METHODS"
+    timeout 280 $PY -m tokensparse.cli eval ruler "${ARGS[@]}" --methods "$CHUNK_METHODS" --chunk-size 1024
+    ;;
+chunked_niah)
+    ARGS=(--model "$GGUF" --out "$OUT/eval" --lengths 1024,2048,3072,4096,5120,6144,7168,8192 --depths 10
+          --haystack essay --batch-size 128 --no-report --no-progress)
+    timeout 250 $PY -m tokensparse.cli eval niah "${ARGS[@]}" --methods "dense,$CHUNK_METHODS"
+    timeout 250 $PY -m tokensparse.cli eval niah "${ARGS[@]}" --methods "$CHUNK_METHODS" --chunk-size 1024
     ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

@@ -175,7 +175,7 @@ def test_keep_tokens_bounds_the_keys_a_chunk_attends_over(monkeypatch):
         assert sel.kept_idx.shape[-1] == keep + W
         assert bool((sel.num_kept == keep + W).all())
         (rows, keys), = calls
-        assert keys == keep + W and rows <= min(keep + W, query_len)
+        assert keys == keep + W and rows == keep + W  # compact rows: the kept slots, whatever the chunk
         if seq_len == 150:
             ref_out, _, _ = reference_chunk(q[:, :, -query_len:], k, v, config)
             torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
@@ -220,10 +220,30 @@ def test_triton_backend_runs_chunk_attention_in_torch_with_one_warning(caplog):
         torch.testing.assert_close(out, torch_out, atol=1e-5, rtol=1e-5)
 
 
-def test_local_dropped_rows_refused_for_chunks():
+@pytest.mark.parametrize("lens", [None, [91, 64], [91, 25]], ids=["unpadded", "padded", "chunk_in_padding"])
+def test_local_dropped_rows_of_a_chunk(lens):
+    """Kept rows are the zero-row op's; dropped rows get sink + local attention by absolute position."""
+    from test_local_attention import dense_sink_local_ref
+
     q, k, v = make_inputs(seed=8)
-    with pytest.raises(ValueError, match="dropped_rows='local' is not supported for a chunk"):
-        run_chunk(q, k, v, cfg(budget="keep_tokens", keep_tokens=20, dropped_rows="local"), 30)
+    query_len, block = 30, 16
+    zero, sel = run_chunk(q, k, v, cfg(budget="keep_tokens", keep_tokens=20), query_len, lens)
+    local, sel_local = run_chunk(q, k, v, cfg(budget="keep_tokens", keep_tokens=20, dropped_rows="local",
+                                              local_block=block), query_len, lens)
+    assert torch.equal(sel.kept_idx, sel_local.kept_idx)
+    seq_len = k.shape[2]
+    kept = torch.zeros(q.shape[0], q.shape[1], seq_len + 1, dtype=torch.bool).scatter_(2, sel.kept_idx, True)
+    kept = kept[:, :, seq_len - query_len: seq_len]
+    seq_lens = torch.tensor(lens if lens else [seq_len] * q.shape[0])
+    real = torch.arange(seq_len - query_len, seq_len)[None, :] >= (seq_len - seq_lens)[:, None]  # (B, Lq)
+    dropped = ~kept & real[:, None, :]
+    assert kept.any() and dropped.any()
+    ref = dense_sink_local_ref(q, k, v, block, seq_lens)[:, :, -query_len:]
+    torch.testing.assert_close(local[kept], zero[kept], atol=0, rtol=0)
+    torch.testing.assert_close(local[dropped], ref[dropped], atol=1e-10, rtol=1e-10)
+    padding = ~real[:, None, :].expand_as(kept)
+    assert bool(padding.any()) == (lens == [91, 25])
+    assert (local[padding] == 0).all()
 
 
 def test_inner_attention_refused_for_chunks():

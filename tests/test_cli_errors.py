@@ -184,3 +184,32 @@ def test_bugs_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(results, "load_records", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["report", "anything"])
+
+
+@pytest.mark.parametrize("value", ["0", "-8"])
+@pytest.mark.parametrize("eval_name", ["niah", "ruler"])
+def test_eval_chunk_size_must_be_positive_before_loading(eval_name, value, capsys, no_loading):
+    assert main(["eval", eval_name, "--device", "cpu", "--chunk-size", value]) == 2
+    assert one_error_line(capsys) == f"--chunk-size must be an integer >= 1, got {value}"
+
+
+@pytest.mark.parametrize("value", ["1.5", "many"])
+def test_eval_chunk_size_must_be_an_integer(value, capsys, no_loading):
+    with pytest.raises(SystemExit) as exit:
+        main(["eval", "niah", "--device", "cpu", "--chunk-size", value])
+    assert exit.value.code == 2
+    assert f"argument --chunk-size: invalid int value: '{value}'" in capsys.readouterr().err
+
+
+def test_eval_with_chunk_size_writes_its_own_method(tiny_model_dir, tmp_path, capsys):
+    argv = [
+        "eval", "niah", "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(tmp_path), "--lengths", "320",
+        "--depths", "2", "--max-new-tokens", "2", "--haystack", "filler", "--no-progress",
+    ]
+    assert main(argv) == 0 and main([*argv, "--chunk-size", "100"]) == 0
+    out = capsys.readouterr().out
+    assert f"dense @ chunk 100: ran 2, skipped 0 finished -> {tmp_path}/niah/dense__chunk-100.jsonl" in out
+    records = [json.loads(line) for line in (tmp_path / "niah" / "dense__chunk-100.jsonl").read_text().splitlines()]
+    assert all(r["method"] == "dense @ chunk 100" and r["run_settings"]["chunk_size"] == 100 for r in records)
+    report = (tmp_path / "niah" / "report.md").read_text()
+    assert "dense @ chunk 100" in report and "Warning" not in report

@@ -4,6 +4,7 @@ kernel path against a dense masked float64 reference."""
 import pytest
 import torch
 
+from tokensparse.kernels.local_rows import fill_dropped_rows_torch
 from tokensparse.local_attention import sink_local_attention, sink_local_attention_torch
 
 
@@ -38,6 +39,39 @@ def test_torch_path_matches_definition(seq_len, block, heads, kv_heads, lens):
     got = sink_local_attention_torch(q, k, v, block, seq_lens=seq_lens)
     ref = dense_sink_local_ref(q, k, v, block, seq_lens if seq_lens is not None else torch.tensor([seq_len]))
     torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("seq_len,query_len,block,kv_heads,lens", [
+    (100, 37, 16, 2, None),          # the chunk starts inside a block
+    (100, 64, 32, 1, [100, 61]),     # GQA 4, left padding, one sequence's chunk starts in its padding
+    (90, 90, 16, 2, [90, 50]),       # the whole prompt
+    (120, 5, 16, 2, [7, 120]),       # a short chunk, mostly padding for one sequence
+])
+def test_torch_path_takes_a_chunk_after_a_cached_prefix(seq_len, query_len, block, kv_heads, lens):
+    """Rows of a chunk (query row i at key position L - Lq + i) get the whole prompt's local rows."""
+    g = torch.Generator().manual_seed(seq_len + query_len)
+    batch = 1 if lens is None else len(lens)
+    q = torch.randn(batch, 4, seq_len, 16, generator=g)
+    k = torch.randn(batch, kv_heads, seq_len, 16, generator=g)
+    v = torch.randn(batch, kv_heads, seq_len, 8, generator=g)
+    seq_lens = None if lens is None else torch.tensor(lens)
+    got = sink_local_attention_torch(q[:, :, -query_len:], k, v, block, seq_lens=seq_lens)
+    ref = dense_sink_local_ref(q, k, v, block, seq_lens if seq_lens is not None else torch.tensor([seq_len]))
+    torch.testing.assert_close(got.double(), ref[:, :, -query_len:], atol=2e-5, rtol=2e-5)
+    # Small row chunks cross the chunk's first block: the same rows.
+    out = torch.full_like(got, float("nan"))
+    fill_dropped_rows_torch(out, q[:, :, -query_len:], k, v, None, block, seq_lens=seq_lens, chunk_rows=block)
+    torch.testing.assert_close(out, got)
+
+
+def test_triton_kernel_refuses_a_chunk():
+    from tokensparse.kernels.local_rows import fill_dropped_rows_triton
+
+    q, k = torch.randn(1, 2, 10, 16), torch.randn(1, 2, 40, 16)
+    with pytest.raises(ValueError, match="takes a whole prompt"):
+        fill_dropped_rows_triton(torch.empty(1, 2, 10, 16), q, k, k, None, 16)
+    with pytest.raises(ValueError, match="must not be longer than key"):
+        fill_dropped_rows_torch(torch.empty(1, 2, 40, 16), k.expand(1, 2, 40, 16), q, q, None, 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -110,3 +110,21 @@ def test_export_refuses_a_bad_dtype_and_a_file_as_folder(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="folder"):
         models.export("smollm2", tmp_path / "file")
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_readme_chunked_prefill_example_prints_what_the_readme_says(smollm2, monkeypatch, capsys):
+    """The README's chunked prefill example, run as written (on the loaded model), prints its stated output."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Chunked prefill"):]
+    code, printed = re.findall(r"```(?:python)?\n(.*?)```", section, flags=re.S)[:2]
+    monkeypatch.setattr(tokensparse.models, "load", lambda name: smollm2)
+    try:
+        exec(compile(code, "README.md (chunked prefill)", "exec"), {})
+    finally:
+        tokensparse.disable(smollm2.model)
+    assert capsys.readouterr().out == printed

@@ -78,12 +78,12 @@ def token_sparse_attention(
     a chunk attends over whatever the prefix length. A chunk row is kept for a
     head when its position is in the head's kept set (kept prefix tokens inside
     the chunk, and the window); it attends over the head's kept keys at
-    positions up to its own. Other rows are zero. Chunks shorter than
-    ``window`` (decode-like calls) run dense. Not supported for Lq < Lk (a
-    ``ValueError``): ``dropped_rows="local"`` and ``inner``. The Triton path
-    covers Lq == Lk only; chunks run the PyTorch stages (a warning is logged
-    once where Triton would have run). With Lq == Lk the op is the whole-prompt
-    op, bit for bit.
+    positions up to its own. Other rows are zero, or with
+    ``dropped_rows="local"`` their sink + local attention by absolute position.
+    Chunks shorter than ``window`` (decode-like calls) run dense. Not supported
+    for Lq < Lk (a ``ValueError``): ``inner``. The Triton path covers Lq == Lk
+    only; chunks run the PyTorch stages (a warning is logged once where Triton
+    would have run). With Lq == Lk the op is the whole-prompt op, bit for bit.
 
     Args:
         query: (B, H, Lq, D) floating point, after RoPE: the last Lq positions,
@@ -117,7 +117,7 @@ def token_sparse_attention(
         config, coverage=coverage, window=window, kernel_size=kernel_size, min_tokens=min_tokens, backend=backend
     )
     check_inputs(query, key, value, key_padding_mask, cached_prefix=True)
-    check_chunk_support(query, key, config, inner)
+    check_chunk_support(query, key, inner)
     selection = select_tokens(query, key, config, scale=scale, key_padding_mask=key_padding_mask)
     if selection.kept_idx is None:
         attend = dense_causal_attention if inner is None else inner
@@ -161,9 +161,10 @@ def attend_selected(
     if selection.kept_idx is None:
         raise ValueError("selection.kept_idx is None (every sequence runs dense); use dense attention")
     if query.shape[2] != key.shape[2]:
-        check_chunk_support(query, key, config, inner)
-        return _attend_kept_chunk(query, key, value, selection.kept_idx, scale=scale, backend=backend, layout=layout)
-    out = _attend_kept(query, key, value, selection, scale=scale, backend=backend, layout=layout, inner=inner)
+        check_chunk_support(query, key, inner)
+        out = _attend_kept_chunk(query, key, value, selection.kept_idx, scale=scale, backend=backend, layout=layout)
+    else:
+        out = _attend_kept(query, key, value, selection, scale=scale, backend=backend, layout=layout, inner=inner)
     if config is None or config.dropped_rows == "zero":
         return out
     fill_dropped_rows(
@@ -190,9 +191,7 @@ def _attend_kept(query, key, value, selection, *, scale, backend, layout, inner)
     return ops.scatter_kept(out_c, selection.kept_idx, query.shape[2], layout)
 
 
-def check_chunk_support(
-    query: torch.Tensor, key: torch.Tensor, config: TokenSparseConfig | None, inner: InnerAttention | None
-) -> None:
+def check_chunk_support(query: torch.Tensor, key: torch.Tensor, inner: InnerAttention | None) -> None:
     """Raise ``ValueError`` for what a chunk after a cached prefix (Lq < Lk) does not support yet."""
     if query.shape[2] == key.shape[2]:
         return
@@ -201,41 +200,28 @@ def check_chunk_support(
             f"an inner attention needs query and key of one length; got Lq={query.shape[2]} < Lk={key.shape[2]} "
             "(a chunk after a cached prefix runs dense SDPA on the kept tokens only)"
         )
-    if config is not None and config.dropped_rows != "zero":
-        raise ValueError(
-            f"TokenSparseConfig.dropped_rows={config.dropped_rows!r} is not supported for a chunk after a cached "
-            f"prefix (Lq={query.shape[2]} < Lk={key.shape[2]}); use dropped_rows='zero'"
-        )
 
 
 def _attend_kept_chunk(query, key, value, kept_idx, *, scale, backend, layout) -> torch.Tensor:
     """Compress, attend and decompress a chunk: query (B, H, Lq, D) at the last Lq of Lk positions.
 
-    The compact keys are all of a head's kept positions (``kept_idx``, K
-    slots); the compact queries are those of them inside the chunk (a suffix of
-    each ascending row). Causality on the compact tensors is by absolute
-    position, so it is bottom-right aligned: a mask from the positions.
+    A head's kept positions (``kept_idx``, K ascending slots, padding Lk last)
+    are attended causally in slot order, which is position order: the plain
+    causal SDPA of the whole-prompt op on K x K compact rows. Slots before the
+    chunk have no query in this call; they read any chunk row and are written,
+    with the padding, to the spare row Lq of the scatter. Computing those rows
+    costs at most a K x K causal attention (K is the key budget) and needs no
+    mask and no host sync, where attending only the chunk's rows would need a
+    per-head bottom-right mask.
     """
     ops_for_chunk(query, backend)  # checks the backend; logs the Triton fallback once
     query_len, seq_len = query.shape[2], key.shape[2]
-    offset = seq_len - query_len
-    num_slots = kept_idx.shape[-1]
-    before_chunk = (kept_idx < offset).sum(dim=-1, keepdim=True)  # (B, H, 1)
-    in_chunk = (kept_idx < seq_len).sum(dim=-1, keepdim=True) - before_chunk
-    # The compact query length sizes the tensors: one host sync.
-    num_rows = max(int(in_chunk.max()), 1)
-    slots = before_chunk + torch.arange(num_rows, device=kept_idx.device)  # (B, H, Qc)
-    positions = kept_idx.gather(-1, slots.clamp(max=num_slots - 1))
-    # Padding (position Lk, or slots past the row) becomes chunk row Lq: the
-    # spare row of the scatter.
-    positions = torch.where(slots < num_slots, positions, seq_len)
-    rows = positions - offset  # (B, H, Qc) in [0, Lq]
+    # Row in the chunk of every kept slot; before the chunk or padding (Lk - offset == Lq): the spare row Lq.
+    rows = kept_idx - (seq_len - query_len)
+    rows = torch.where(rows >= 0, rows, query_len)
     q_c = torch.gather(query, 2, rows.clamp(max=query_len - 1)[..., None].expand(-1, -1, -1, query.shape[-1]))
     k_c, v_c = reference.gather_kv_ref(key, value, kept_idx)
-    # Padding keys (Lk) are seen by no valid row; padding rows see every key and
-    # are scattered into the spare row.
-    mask = kept_idx[..., None, :] <= positions[..., :, None]  # (B, H, Qc, K)
-    out_c = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask, scale=scale)
+    out_c = F.scaled_dot_product_attention(q_c, k_c, v_c, is_causal=True, scale=scale)
     return reference.scatter_kept_ref(out_c, rows, query_len, layout)
 
 

@@ -173,6 +173,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--reps", type=int, default=2, help="least timed runs per measurement (median)")
     f.add_argument("--budget-ms", type=float, default=1.0,
                    help="keep timing until this much time is spent (more runs at short prompts; default 1: --reps decides)")
+    f.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill in chunks of this many tokens through a KV cache, dense and sparse alike "
+                   "(default: the whole prompt in one forward)")
     f.add_argument("--device", default=None)
     f.add_argument("--out", default="runs/bench/prefill.json", help="JSON output (default: runs/bench/prefill.json)")
     f.add_argument("--plot", default=None)
@@ -296,6 +299,7 @@ def _run_bench_prefill(args: argparse.Namespace) -> int:
         model=args.model, lengths=tuple(lengths), batch=args.batch, methods=tuple(s.label for s in args.methods),
         rope_scaling=args.rope_scaling, profile=args.profile, min_lengths=tuple(args.min_lengths),
         warmup=args.warmup, min_reps=args.reps, budget_ms=args.budget_ms, device=args.device,
+        chunk_size=args.chunk_size,
     )
     return _run_bench(run_prefill_bench, cfg, args, plot_prefill, summary_lines)
 
@@ -493,6 +497,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--overwrite", action="store_true",
                        help="delete the result files of these methods in --out first (instead of resuming them)")
         q.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (default 1)")
+        q.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                       help="prefill each prompt N tokens per forward pass over a KV cache (tokensparse.prefill); "
+                            "results are methods of their own, '<spec> @ chunk N' (default: the whole prompt at once)")
         q.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
         q.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"), help="weight dtype")
         q.add_argument("--rope-scaling", type=float, default=None, help="YaRN factor for lengths past the context")
@@ -566,6 +573,8 @@ def _load_for_eval(args: argparse.Namespace):
     methods = parse_methods(args.methods)  # fail before the slow load
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be an integer >= 1, got {args.chunk_size}")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     loaded = models.load(args.model, device=args.device, dtype=dtype, rope_scaling_factor=args.rope_scaling)
@@ -599,7 +608,7 @@ def _execute_eval(args: argparse.Namespace, eval_name: str, loaded, methods, sam
     print(f"{eval_name}: {len(samples)} samples x {len(methods)} methods on {loaded.name} ({loaded.device})", file=sys.stderr)
     runs = run_eval(
         loaded, eval_name, samples, methods, args.out, batch_size=args.batch_size, meta=meta, progress=progress,
-        stage=None if args.no_progress else stage, overwrite=args.overwrite,
+        stage=None if args.no_progress else stage, overwrite=args.overwrite, chunk_size=args.chunk_size,
     )
     for run in runs:
         print(f"{run.method}: ran {run.ran}, skipped {run.skipped} finished -> {run.path}")

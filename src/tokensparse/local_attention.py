@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import block_sparse, ops_for
+from .kernels import block_sparse, ops_for, ops_for_chunk
 from .kernels.local_rows import fill_dropped_rows_torch
 
 
@@ -85,9 +85,11 @@ def fill_dropped_rows(
     """Sink + local attention written in place into the rows of ``out`` that ``kept_idx`` does not list.
 
     Args:
-        out: (B, H, L, Dv), any strides (the ``.transpose(1, 2)`` of a (B, L, H, Dv)
+        out: (B, H, Lq, Dv), any strides (the ``.transpose(1, 2)`` of a (B, Lq, H, Dv)
             tensor works); kept rows are left untouched bit for bit.
-        query: (B, H, L, D); key: (B, Hkv, L, D); value: (B, Hkv, L, Dv).
+        query: (B, H, Lq, D), Lq <= L: a whole prompt, or a chunk after a cached
+            prefix (row i at position L - Lq + i; the PyTorch version runs it);
+            key: (B, Hkv, L, D); value: (B, Hkv, L, Dv).
         kept_idx: (B, H, K) kept positions (entries equal to L are padding), or
             None to write every row.
         block_size: the pattern's block, a positive multiple of 16.
@@ -99,9 +101,8 @@ def fill_dropped_rows(
         ``out``. No output-sized buffer is allocated (the Triton kernel skips
         kept rows by a (B, H, L + 1) bool mask).
     """
-    return ops_for(query, backend).fill_dropped_rows(
-        out, query, key, value, kept_idx, block_size, scale=scale, seq_lens=seq_lens
-    )
+    ops = ops_for(query, backend) if query.shape[2] == key.shape[2] else ops_for_chunk(query, backend)
+    return ops.fill_dropped_rows(out, query, key, value, kept_idx, block_size, scale=scale, seq_lens=seq_lens)
 
 
 def sink_local_attention_torch(

@@ -16,7 +16,7 @@ def fake_generate(monkeypatch):
     """Replace generation: each sample answers its first reference (or 'x'), 10 ms prefill."""
     calls = []
 
-    def generate(model, tokenizer, batch, *, max_new_tokens):
+    def generate(model, tokenizer, batch, *, max_new_tokens, chunk_size=None):
         calls.append((len(batch), max_new_tokens))
         return [str(s.references[0]) if s.sample_id % 2 == 0 else "x" for s in batch], 0.01
 

@@ -88,3 +88,34 @@ def test_short_chunks_run_the_models_own_attention():
     tokensparse.enable(model, SPEC.replace("sparse_layers=0", "sparse_layers=0-3"))
     _, short = tokensparse.prefill(model, ids[:, 190:], cache=dense_cache)
     assert torch.equal(short, ref)
+
+
+def test_left_padded_prefill_numbers_real_tokens():
+    """A padded row's cache holds the keys its unpadded prompt gives (RoPE by real position,
+    as generate numbers tokens), so generate can continue from it."""
+    model = tiny_llama()
+    ids, mask = padded_batch([150, 110], 150)
+    cache, last = tokensparse.prefill(model, ids, chunk_size=64, attention_mask=mask)
+    alone, alone_last = tokensparse.prefill(model, ids[1:, 40:], chunk_size=64)
+    for padded_layer, layer in zip(cache.layers, alone.layers):
+        torch.testing.assert_close(padded_layer.keys[1:, :, 40:], layer.keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last[1:], alone_last, atol=1e-5, rtol=1e-5)
+
+
+def test_local_rows_run_sparse_on_chunks(caplog):
+    """Local rows take chunks too: every chunk after the first is recorded sparse, and dropped
+    rows get attention (the logits differ from zero rows), with no fallback warning."""
+    model = sharp(tiny_llama())
+    ids = torch.randint(0, 128, (1, 200))
+    results = {}
+    for rows in ("zero", "local"):
+        tokensparse.enable(model, SPEC.replace("sparse_layers=0", "sparse_layers=0-2") + f",dropped_rows={rows}",
+                           record=True)
+        with caplog.at_level("WARNING", logger="tokensparse"):
+            _, results[rows] = tokensparse.prefill(model, ids, chunk_size=80)
+        chunks = tokensparse.selection_report(model)
+        tokensparse.disable(model)
+        assert [c[0].seq_lens for c in chunks] == [[80], [160], [200]]
+        assert chunks[-1][2].num_kept == [[48] * 4]
+    assert "own attention" not in caplog.text
+    assert not torch.allclose(results["local"], results["zero"], atol=1e-4)

@@ -137,8 +137,9 @@ def test_gate_decides_per_request():
     assert not runner.wants(RequestSpan(0, 0, 150, 150))     # below the gate
     assert runner.wants(RequestSpan(0, 0, 300, 300))         # a whole prompt
     assert runner.wants(RequestSpan(0, 0, 100, 400))         # a chunk after 300 cached
-    local = _runner("token_sparse:min_tokens=64,window=32,dropped_rows=local")
-    assert not local.wants(RequestSpan(0, 0, 100, 400))      # local rows take no chunks
+    composition = _runner("token_sparse+xattention:min_tokens=64,window=32")
+    assert composition.wants(RequestSpan(0, 0, 300, 300))
+    assert not composition.wants(RequestSpan(0, 0, 100, 400))  # a composition takes no chunks
     assert not _runner("token_sparse:coverage=0,min_tokens=64,window=32").wants(RequestSpan(0, 0, 300, 300))
 
 

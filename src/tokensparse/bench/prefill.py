@@ -8,7 +8,11 @@ forward pass over the prompt that fills the KV cache and returns the last
 position's logits only. Each method spec (:mod:`tokensparse.methods`) switches
 the model with :func:`tokensparse.enable` and back with :func:`tokensparse.disable`,
 so every method is measured in the same process on the same weights, beside
-dense. The time outside attention is measured once per length by running the
+dense. With ``chunk_size`` the prompt is prefilled in chunks through a KV cache
+(:func:`tokensparse.prefill`), dense and sparse alike, and the time of every
+chunk is recorded against the prefix before it; the layers that do not
+sparsify run flash SDPA with lower-right causality and no materialised mask
+(:mod:`tokensparse.bench.chunked`), the best chunked dense there is. The time outside attention is measured once per length by running the
 same forward with an attention that does nothing; a method's attention time is
 its TTFT minus that. Random weights make attention close to uniform, so coverage
 budgets keep nearly every token there; fixed kept shares (``keep_ratio``) show
@@ -17,14 +21,18 @@ the cost at a known sparsity.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 
-from ..integrations.transformers import disable, enable, plan_of, selection_report
+from ..integrations.transformers import disable, enable, plan_of, prefill, selection_report
 from ..methods import parse_methods
+from .chunked import CHUNK_SDPA, chunk_sdpa
 from .timing import machine_info, time_fn
 
 logger = logging.getLogger(__name__)
@@ -48,6 +56,8 @@ class PrefillBenchConfig:
         min_lengths: length gates; every method runs at each (prefills shorter
             run dense; 0: no gate; "auto": each method's measured crossover),
             labelled ``spec @ N`` unless 0.
+        chunk_size: prefill in chunks of this many tokens (None: the whole
+            prompt in one forward).
     """
 
     model: str | None = None
@@ -62,6 +72,7 @@ class PrefillBenchConfig:
     budget_ms: float = 1.0  # long runs: min_reps decides
     seed: int = 0
     device: str | None = None
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         parse_methods(list(self.methods) or ["dense"])  # raises ValueError naming a bad spec
@@ -69,6 +80,9 @@ class PrefillBenchConfig:
             raise ValueError(f"lengths must be positive, got {self.lengths}")
         if not self.min_lengths or any(n != "auto" and (not isinstance(n, int) or n < 0) for n in self.min_lengths):
             raise ValueError(f"min_lengths must be integers >= 0 or 'auto', got {self.min_lengths}")
+        if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
+                                            or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be an integer >= 1 or None, got {self.chunk_size!r}")
 
 
 def llama_8b_config(num_layers: int = 32):
@@ -166,21 +180,31 @@ def run_prefill_bench(
         disable(model)
 
     meta = machine_info(device)
-    meta.update(model=name, num_layers=model.config.num_hidden_layers, plans=plans, rope_scaling=cfg.rope_scaling)
+    meta.update(model=name, num_layers=model.config.num_hidden_layers, plans=plans, rope_scaling=cfg.rope_scaling,
+                chunk_size=cfg.chunk_size, chunk_attention=CHUNK_SDPA if cfg.chunk_size else None)
     results = []
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    with torch.inference_mode(), _sdpa_priority(device):
+    chunked = chunk_sdpa(model) if cfg.chunk_size else contextlib.nullcontext()
+    with torch.inference_mode(), _sdpa_priority(device), chunked:
         for length in cfg.lengths:
             ids = torch.randint(0, vocab, (cfg.batch, length), generator=g, device=device)
+            clock = _ChunkClock(device)
 
-            def prefill(ids: torch.Tensor = ids):
-                return model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+            def run(ids: torch.Tensor = ids, clock: _ChunkClock = clock):
+                if cfg.chunk_size is None:
+                    return model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+                clock.start()
+                return prefill(model, ids, chunk_size=cfg.chunk_size, on_chunk=clock.mark)[1]
 
             row: dict[str, Any] = {"seq_len": length, "batch": cfg.batch, "modes": {}}
-            row["outside_attention_ms"] = _outside_attention_ms(model, prefill, device, cfg)
+            if cfg.chunk_size:
+                row["chunk_prefix_tokens"] = list(range(0, length, cfg.chunk_size))
+            row["outside_attention_ms"] = _outside_attention_ms(model, run, device, cfg)
             for label, spec, gate in runs:
-                entry = _time_method(model, spec, gate, prefill, device, cfg)
+                entry = _time_method(model, spec, gate, run, device, cfg)
                 entry["attention_ms"] = entry["ttft_ms"] - row["outside_attention_ms"]
+                if cfg.chunk_size:
+                    entry["chunk_ms"] = clock.chunk_ms()  # of the last timed run
                 row["modes"][label] = entry
                 share = entry.get("mean_kept_share")
                 say(
@@ -200,26 +224,31 @@ def run_prefill_bench(
     return {"meta": meta, "config": asdict(cfg), "results": results}
 
 
-def _time_method(model, spec, gate: int, prefill, device: torch.device, cfg: PrefillBenchConfig) -> dict[str, Any]:
+def _time_method(model, spec, gate: int, run, device: torch.device, cfg: PrefillBenchConfig) -> dict[str, Any]:
     """TTFT, peak memory and the kept shares of one method at one length gate (dense: the model as loaded)."""
     entry: dict[str, Any] = {"spec": spec.label, "min_length": gate}
     warmup = cfg.warmup
     if spec.method.prefill is not None:
         # A recorded run (it syncs to copy the kept counts) doubles as warm-up.
         enable(model, spec, profile=cfg.profile, record=True, min_length=gate)
-        prefill()
+        run()
         report = selection_report(model, clear=True)
         if report:
             last = report[-1]
             entry["kept_share_by_layer"] = {str(k): v.mean_kept_share for k, v in last.items()}
             entry["mean_kept_share"] = sum(v.mean_kept_share for v in last.values()) / max(len(last), 1)
+            if cfg.chunk_size:
+                # One record per chunk's forward: the share of the keys so far each chunk attended over.
+                entry["kept_share_by_chunk"] = [
+                    sum(v.mean_kept_share for v in chunk.values()) / max(len(chunk), 1) for chunk in report
+                ]
         enable(model, spec, profile=cfg.profile, record=False, min_length=gate)
         warmup = max(cfg.warmup - 1, 0)
     try:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        t = time_fn(prefill, device, warmup=warmup, min_reps=cfg.min_reps, budget_ms=cfg.budget_ms)
+        t = time_fn(run, device, warmup=warmup, min_reps=cfg.min_reps, budget_ms=cfg.budget_ms)
         entry.update(time=t.to_dict(), ttft_ms=t.median_ms)
         if device.type == "cuda":
             entry["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
@@ -228,12 +257,40 @@ def _time_method(model, spec, gate: int, prefill, device: torch.device, cfg: Pre
     return entry
 
 
+class _ChunkClock:
+    """Marks the end of every chunk of a chunked prefill: CUDA events (no sync) or host time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def _now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.marks = [self._now()]
+
+    def mark(self, start: int, end: int) -> None:
+        self.marks.append(self._now())
+
+    def chunk_ms(self) -> list[float]:
+        """Milliseconds of each chunk of the last run (call after the run has finished)."""
+        pairs = zip(self.marks, self.marks[1:])
+        if self.cuda:
+            return [a.elapsed_time(b) for a, b in pairs]
+        return [(b - a) * 1e3 for a, b in pairs]
+
+
 def _no_attention(module, query, key, value, attention_mask, **kwargs):
     """An attention that reads nothing: (B, Lq, H, D), for timing the rest of the model."""
     return query.transpose(1, 2), None
 
 
-def _outside_attention_ms(model, prefill, device: torch.device, cfg: PrefillBenchConfig) -> float:
+def _outside_attention_ms(model, run, device: torch.device, cfg: PrefillBenchConfig) -> float:
     """TTFT of the same forward with every attention call doing nothing."""
     from transformers import AttentionInterface
 
@@ -241,25 +298,46 @@ def _outside_attention_ms(model, prefill, device: torch.device, cfg: PrefillBenc
     previous = model.config._attn_implementation
     model.set_attn_implementation("tokensparse_no_attention")
     try:
-        return time_fn(prefill, device, warmup=cfg.warmup, min_reps=cfg.min_reps, budget_ms=cfg.budget_ms).median_ms
+        return time_fn(run, device, warmup=cfg.warmup, min_reps=cfg.min_reps, budget_ms=cfg.budget_ms).median_ms
     finally:
         model.set_attn_implementation(previous)
 
 
+def short_label(label: str) -> str:
+    """A label with its layer lists as ranges ("sparse_layers=2;3;4;7" -> "sparse_layers=2-4;7"), for legends."""
+
+    def ranges(match: re.Match) -> str:
+        layers = [int(x) for x in match.group(2).split(";")]
+        runs: list[list[int]] = []
+        for layer in layers:
+            if runs and layer == runs[-1][1] + 1:
+                runs[-1][1] = layer
+            else:
+                runs.append([layer, layer])
+        return match.group(1) + ";".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+    return re.sub(r"(sparse_layers=)(\d+(?:;\d+)*)", ranges, label)
+
+
 def plot_prefill(data: dict[str, Any], path: str) -> None:
-    """TTFT against length per mode (log-log), from the JSON dict only."""
+    """TTFT against length per mode (log-log), from the JSON dict only; chunked runs add the
+    time of each chunk against its prefix at the longest length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8))
+    chunked = bool(data.get("meta", {}).get("chunk_size")) and bool(data["results"])
+    fig, axes = plt.subplots(1, 4 if chunked else 3, figsize=(20 if chunked else 15, 5.6))
+    ax1, ax2, ax3 = axes[:3]
+    ax4 = axes[3] if chunked else None
     labels = list(data["results"][0]["modes"]) if data["results"] else []
     lengths = [r["seq_len"] for r in data["results"]]
     for label in labels:
-        ax1.plot(lengths, [r["modes"][label]["ttft_ms"] / 1e3 for r in data["results"]], "o-", label=label)
-        ax2.plot(lengths, [r["modes"][label]["speedup_vs_dense"] for r in data["results"]], "o-", label=label)
-        ax3.plot(lengths, [r["modes"][label]["attention_ms"] / 1e3 for r in data["results"]], "o-", label=label)
+        name = short_label(label)
+        ax1.plot(lengths, [r["modes"][label]["ttft_ms"] / 1e3 for r in data["results"]], "o-", label=name)
+        ax2.plot(lengths, [r["modes"][label]["speedup_vs_dense"] for r in data["results"]], "o-", label=name)
+        ax3.plot(lengths, [r["modes"][label]["attention_ms"] / 1e3 for r in data["results"]], "o-", label=name)
     ax3.plot(lengths, [r["outside_attention_ms"] / 1e3 for r in data["results"]], "k--", label="outside attention")
     ax2.axhline(1.0, color="gray", lw=0.8)
     ax3.set_yscale("log")
@@ -267,13 +345,21 @@ def plot_prefill(data: dict[str, Any], path: str) -> None:
     for ax in (ax1, ax2, ax3):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt tokens")
-        ax.legend(fontsize=6)
+    if chunked:
+        longest = max(data["results"], key=lambda r: r["seq_len"])
+        for label in labels:
+            ax4.plot(longest["chunk_prefix_tokens"], longest["modes"][label]["chunk_ms"], ".-", label=short_label(label))
+        ax4.set_xlabel(f"prefix tokens before the chunk ({longest['seq_len']}-token prompt)")
+        ax4.set_ylabel(f"ms per {data['meta']['chunk_size']}-token chunk")
+        ax4.set_yscale("log")
     ax1.set_yscale("log")
     ax1.set_ylabel("time to first token (s)")
     ax2.set_ylabel("speedup over dense")
     meta = data.get("meta", {})
     fig.suptitle(f"{meta.get('model')} on {meta.get('gpu', meta.get('device'))}", fontsize=9)
-    fig.tight_layout()
+    # One legend for every panel (same colours), below them.
+    fig.legend(*ax3.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) + 2) // 2), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

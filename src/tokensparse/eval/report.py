@@ -22,7 +22,9 @@ identified by (task, length, sample_id) and its ``sample_hash``), every table
 and plot uses the samples all of them ran, and the report opens that eval's
 section with a warning naming what was left out; methods that share no sample
 are an error. Methods run with different generation settings (``run_key``:
-model, dtype, context, RoPE) are flagged too. Records written before these
+model, dtype, context, RoPE) are flagged too; a chunked prefill
+(``<label> @ chunk N``) is a method of its own, so its chunk size is left out of
+that check. Records written before these
 keys existed count as unknown: their grids are compared by (task, length,
 sample_id) and a note says so.
 """
@@ -35,7 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from .results import grid_key, settings_differences
+from .results import grid_key, settings_differences, settings_key
 
 DENSE = "dense"
 NIAH_EVAL = "niah"
@@ -172,9 +174,10 @@ def _settings_warnings(rows: list[dict[str, Any]], methods: list[str]) -> list[s
     methods_of: dict[str, list[str]] = defaultdict(list)
     for m in methods:
         for r in rows:
-            if r["method"] == m and r.get("run_key") and m not in methods_of[r["run_key"]]:
-                by_key.setdefault(r["run_key"], r.get("run_settings") or {})
-                methods_of[r["run_key"]].append(m)
+            key = _comparable_key(r)
+            if r["method"] == m and key and m not in methods_of[key]:
+                by_key.setdefault(key, r.get("run_settings") or {})
+                methods_of[key].append(m)
     if len(by_key) < 2:
         return []
     (first, settings), *others = by_key.items()
@@ -183,6 +186,15 @@ def _settings_warnings(rows: list[dict[str, Any]], methods: list[str]) -> list[s
         f"{settings_differences(other, settings)}"
         for k, other in others
     ]
+
+
+def _comparable_key(record: dict[str, Any]) -> str | None:
+    """The run key without the chunk size: a chunked prefill is a method of its own
+    (``<label> @ chunk N``), compared with whole-prompt runs of the same settings."""
+    settings = record.get("run_settings")
+    if not record.get("run_key") or not isinstance(settings, dict) or "chunk_size" not in settings:
+        return record.get("run_key")
+    return settings_key({k: v for k, v in settings.items() if k != "chunk_size"})
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:

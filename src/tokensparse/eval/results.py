@@ -1,7 +1,9 @@
 """Result files: where they go and how they are read (no torch needed).
 
 One JSON-lines file per (eval, method): ``OUT/<eval>/<method slug>.jsonl``, one
-record per sample, keyed by (task, length, sample_id) and the method label.
+record per sample, keyed by (task, length, sample_id) and the method label. A
+chunked prefill of the same method is another method: label ``<label> @ chunk N``,
+file ``<method slug>__chunk-N.jsonl``, and ``chunk_size`` in its run settings.
 
 What a record was computed from is in two hashes: ``sample_hash`` (the prompt's
 token ids, references, generation budget and scoring; see
@@ -24,9 +26,25 @@ from ..methods import MethodSpec
 logger = logging.getLogger(__name__)
 
 
-def result_path(out_dir: str | Path, eval_name: str, spec: MethodSpec) -> Path:
-    """Where the results of ``spec`` on ``eval_name`` go."""
-    return Path(out_dir) / eval_name / f"{spec.slug}.jsonl"
+def check_chunk_size(chunk_size: int | None) -> None:
+    """ValueError unless ``chunk_size`` is None or an integer >= 1."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
+def method_label(spec: MethodSpec, chunk_size: int | None = None) -> str:
+    """The method of a record: the spec's label, ``"<label> @ chunk N"`` for a
+    chunked prefill of ``chunk_size`` tokens per forward pass."""
+    check_chunk_size(chunk_size)
+    return spec.label if chunk_size is None else f"{spec.label} @ chunk {chunk_size}"
+
+
+def result_path(out_dir: str | Path, eval_name: str, spec: MethodSpec, chunk_size: int | None = None) -> Path:
+    """Where the results of ``spec`` on ``eval_name`` go: ``<slug>.jsonl``, or
+    ``<slug>__chunk-N.jsonl`` for a chunked prefill, so both sit side by side."""
+    check_chunk_size(chunk_size)
+    suffix = "" if chunk_size is None else f"__chunk-{chunk_size}"
+    return Path(out_dir) / eval_name / f"{spec.slug}{suffix}.jsonl"
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:

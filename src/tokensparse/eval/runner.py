@@ -29,11 +29,24 @@ its share per sample. Before a method's first batch of each length, an untimed
 warm-up call on that batch (one new token) compiles and autotunes kernels for
 the shape.
 
+Chunked prefill (``chunk_size``): the prompt is prefilled with
+:func:`tokensparse.prefill` in chunks of ``chunk_size`` tokens over a KV cache
+(the mask and positions of the left-padded batch), the first token is the
+greedy choice from its last logits, and ``generate`` continues from the cache.
+With ``chunk_size`` at or above the prompt length this gives ``generate``'s own
+tokens. ``prefill_s`` is then the whole chunked prefill and the first token's
+choice. The records' method is ``"<label> @ chunk N"`` in a file of its own
+(:func:`tokensparse.eval.results.method_label`, ``result_path``), and
+``chunk_size`` is one of the run settings. Generation config options that
+change the logits (repetition penalty and the like) are not applied to the
+first token of a chunked run.
+
 Kept share: for methods that record their selection (token_sparse), each sparse
 layer's share of the prompt's tokens kept per head, averaged over heads
 (``kept_share``); ``prefix_kept_share`` is the same over the prefix only (the
 tokens before the observation window, the ones that can be dropped). A sparse
-layer that ran dense (prompt too short) counts as 1.0.
+layer that ran dense (prompt too short) counts as 1.0. For a chunked prefill it
+is the last chunk's selection (over every key of the prompt).
 """
 
 from __future__ import annotations
@@ -52,11 +65,12 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import metrics
-from ..integrations.transformers import disable, enable, selection_report, sparse_layers_of
+from ..integrations.hf import cache_kwarg
+from ..integrations.transformers import disable, enable, prefill, selection_report, sparse_layers_of
 from ..methods import MethodSpec
 from ..methods.registry import LAYERS_SPARSE
 from .prompts import Sample
-from .results import read_results, record_key, result_path, settings_key, stale_reason
+from .results import check_chunk_size, method_label, read_results, record_key, result_path, settings_key, stale_reason
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +104,7 @@ def run_eval(
     progress: Progress | None = None,
     stage: Stage | None = None,
     overwrite: bool = False,
+    chunk_size: int | None = None,
 ) -> list[EvalRun]:
     """Answer and score ``samples`` with each method; append records to the result files.
 
@@ -105,6 +120,9 @@ def run_eval(
             method's first warm-up, then after each batch.
         stage: called with a one-line message before each untimed warm-up.
         overwrite: delete the result files of ``methods`` first instead of resuming them.
+        chunk_size: prefill the prompts ``chunk_size`` tokens per forward pass
+            (:func:`tokensparse.prefill`); None: the whole prompt in one pass.
+            Chunked runs are methods of their own (``"<label> @ chunk N"``).
 
     Returns:
         One :class:`EvalRun` per method.
@@ -115,37 +133,40 @@ def run_eval(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_chunk_size(chunk_size)
     keys = [s.key for s in samples]
     if len(set(keys)) != len(keys):
         raise ValueError("samples have duplicate (task, length, sample_id) keys")
-    settings = run_settings(loaded)
+    settings = run_settings(loaded, chunk_size)
     run_key = settings_key(settings)
-    paths = [result_path(out_dir, eval_name, spec) for spec in methods]
+    labels = [method_label(spec, chunk_size) for spec in methods]
+    paths = [result_path(out_dir, eval_name, spec, chunk_size) for spec in methods]
     if overwrite:
         for path in paths:
             path.unlink(missing_ok=True)
-    done_by_method = _resumable(methods, paths, {s.key: s.fingerprint for s in samples}, run_key, settings)
+    done_by_method = _resumable(labels, paths, {s.key: s.fingerprint for s in samples}, run_key, settings)
     folder = Path(out_dir) / eval_name
     folder.mkdir(parents=True, exist_ok=True)
     _write_meta(folder / "meta.json", loaded, eval_name, {"run_settings": settings, "run_key": run_key, **(meta or {})})
     stamp = {"run_key": run_key, "run_settings": settings}
     runs = []
-    for spec, path, done in zip(methods, paths, done_by_method):
+    for spec, label, path, done in zip(methods, labels, paths, done_by_method):
         todo = [s for s in samples if s.key not in done]
         if todo:
-            logger.info("%s: %d samples to run, %d already in %s", spec.label, len(todo), len(done), path)
-            _run_method(loaded, eval_name, spec, todo, path, batch_size, progress, stage, stamp)
+            logger.info("%s: %d samples to run, %d already in %s", label, len(todo), len(done), path)
+            _run_method(loaded, eval_name, spec, todo, path, batch_size, progress, stage, stamp, chunk_size)
         elif progress:
-            progress(spec.label, 0, 0)
-        runs.append(EvalRun(spec.label, path, skipped=len(samples) - len(todo), ran=len(todo)))
+            progress(label, 0, 0)
+        runs.append(EvalRun(label, path, skipped=len(samples) - len(todo), ran=len(todo)))
     return runs
 
 
-def run_settings(loaded: Any) -> dict[str, Any]:
+def run_settings(loaded: Any, chunk_size: int | None = None) -> dict[str, Any]:
     """The settings besides the prompt that decide a model's answers (``run_settings``
     in every record; their hash is ``run_key``): the model (a local path made
     absolute, and its shape), the weight dtype, the context and RoPE parameters
-    (``--rope-scaling`` changes both)."""
+    (``--rope-scaling`` changes both), and for a chunked prefill ``chunk_size``
+    (absent otherwise, so whole-prompt keys stay as they were)."""
     model = loaded.model
     config = model.config.get_text_config()
     name = str(loaded.name)
@@ -153,17 +174,20 @@ def run_settings(loaded: Any) -> dict[str, Any]:
         name = str(Path(name).resolve())
     shape = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    return {
+    settings = {
         "model": name,
         "model_shape": [getattr(config, field, None) for field in shape],
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "max_position_embeddings": getattr(config, "max_position_embeddings", None),
         "rope": json.loads(json.dumps(rope, sort_keys=True, default=str)) if rope else None,
     }
+    if chunk_size is not None:
+        settings["chunk_size"] = chunk_size
+    return settings
 
 
 def _resumable(
-    methods: list[MethodSpec],
+    labels: list[str],
     paths: list[Path],
     expected: dict[tuple[str, int, int], str],
     run_key: str,
@@ -172,8 +196,8 @@ def _resumable(
     """The finished sample keys of each method; StaleResultsError if any file holds
     records of other settings (checked for every method before any runs)."""
     done, stale = [], []
-    for spec, path in zip(methods, paths):
-        records = [r for r in read_results(path) if r.get("method") == spec.label]
+    for label, path in zip(labels, paths):
+        records = [r for r in read_results(path) if r.get("method") == label]
         reason = stale_reason(records, expected, run_key, settings)
         if reason:
             stale.append(f"{path} holds {reason}")
@@ -207,8 +231,10 @@ def _run_method(
     progress: Progress | None,
     stage: Stage | None,
     stamp: dict[str, Any],
+    chunk_size: int | None = None,
 ) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
+    label = method_label(spec, chunk_size)
     num_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     # Dense is the model as loaded; every other method is switched on through the one integration.
     switched = spec.method.prefill is not None
@@ -227,19 +253,23 @@ def _run_method(
             for batch in batches:
                 if batch[0].length not in warm:
                     if stage:
-                        stage(f"{spec.label}: warming up at {batch[0].length} tokens ...")
+                        stage(f"{label}: warming up at {batch[0].length} tokens ...")
                     # Untimed warm-up at this shape: kernel compilation and autotuning.
-                    _generate(model, tokenizer, batch, max_new_tokens=1)
+                    _generate(model, tokenizer, batch, max_new_tokens=1, chunk_size=chunk_size)
                     if selects:
                         selection_report(model, clear=True)
                     warm.add(batch[0].length)
                     if progress and done == 0:
-                        progress(spec.label, 0, len(samples))
-                texts, prefill_s = _generate(model, tokenizer, batch, max_new_tokens=max(s.max_new_tokens for s in batch))
+                        progress(label, 0, len(samples))
+                budget = max(s.max_new_tokens for s in batch)
+                texts, prefill_s = _generate(model, tokenizer, batch, max_new_tokens=budget, chunk_size=chunk_size)
                 prefills = selection_report(model, clear=True) if selects else []
-                records = prefills[0] if prefills else {}
+                # Whole prompt: the one prefill; chunked: the last chunk's (over every key).
+                records = (prefills[-1] if chunk_size else prefills[0]) if prefills else {}
                 for b, (sample, answer) in enumerate(zip(batch, texts)):
-                    row = _record(sample, answer, eval_name, spec, settings, prefill_s, len(batch))
+                    row = _record(sample, answer, eval_name, spec, label, settings, prefill_s, len(batch))
+                    if chunk_size:
+                        row["chunk_size"] = chunk_size
                     if selects:
                         row.update(_kept(records, layers, b, sample.num_tokens, window))
                     row["model"] = loaded.name
@@ -249,7 +279,7 @@ def _run_method(
                 out.flush()
                 done += len(batch)
                 if progress:
-                    progress(spec.label, done, len(samples))
+                    progress(label, done, len(samples))
     finally:
         if switched:
             disable(model)
@@ -289,6 +319,7 @@ def _record(
     answer: str,
     eval_name: str,
     spec: MethodSpec,
+    label: str,
     settings: dict[str, Any] | None,
     batch_prefill_s: float,
     batch_size: int,
@@ -301,7 +332,7 @@ def _record(
         "task": sample.task,
         "length": sample.length,
         "sample_id": sample.sample_id,
-        "method": spec.label,
+        "method": label,
         "method_name": spec.name,
         "settings": settings,
         **sample.info,
@@ -357,7 +388,9 @@ class _PrefillTimer(LogitsProcessor):
         return scores
 
 
-def _generate(model: Any, tokenizer: Any, batch: list[Sample], *, max_new_tokens: int) -> tuple[list[str], float]:
+def _generate(
+    model: Any, tokenizer: Any, batch: list[Sample], *, max_new_tokens: int, chunk_size: int | None = None
+) -> tuple[list[str], float]:
     """Greedy answers of a batch (left padded) and the batch's prefill seconds."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -368,31 +401,68 @@ def _generate(model: Any, tokenizer: Any, batch: list[Sample], *, max_new_tokens
         ids[i, width - sample.num_tokens :] = torch.tensor(sample.input_ids, dtype=torch.long)
         mask[i, width - sample.num_tokens :] = 1
     ids, mask = ids.to(device), mask.to(device)
-    timer = _PrefillTimer(device)
     eos = _eos_ids(model, tokenizer)
-    with torch.inference_mode():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=pad,
-            eos_token_id=eos,
-            logits_processor=LogitsProcessorList([timer]),
-        )
-    prefill_s = (timer.first or time.perf_counter()) - start
+    options = dict(
+        do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=eos
+    )
+    if chunk_size is None:
+        new, prefill_s = _generate_whole(model, ids, mask, max_new_tokens, options)
+    else:
+        new, prefill_s = _generate_chunked(model, ids, mask, max_new_tokens, chunk_size, options)
     texts = []
     for i, sample in enumerate(batch):
-        new = out[i, width : width + sample.max_new_tokens]
-        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+        tokens = new[i, : sample.max_new_tokens].tolist()
+        # Up to the first end-of-sequence token (generate pads after it; a chunked row may not know it ended).
+        stop = next((j for j, t in enumerate(tokens) if t in (eos or ())), len(tokens))
+        texts.append(tokenizer.decode(tokens[:stop], skip_special_tokens=True))
     return texts, prefill_s
+
+
+def _generate_whole(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, options: dict[str, Any]
+) -> tuple[torch.Tensor, float]:
+    """(B, new) tokens from one ``generate`` call, timed to its first logits."""
+    device = ids.device
+    timer = _PrefillTimer(device)
+    with torch.inference_mode():
+        _sync(device)
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+            logits_processor=LogitsProcessorList([timer]), **options,
+        )
+    prefill_s = (timer.first or time.perf_counter()) - start
+    return out[:, ids.shape[1] :], prefill_s
+
+
+def _generate_chunked(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, chunk_size: int, options: dict[str, Any]
+) -> tuple[torch.Tensor, float]:
+    """(B, new) tokens: a chunked :func:`prefill`, the greedy first token from its
+    last logits, then ``generate`` from the cache; timed over the prefill and the
+    first token's choice."""
+    device = ids.device
+    # generate drops an all-ones mask; so does this, so that chunk_size >= L gives its very calls.
+    padded = mask if not bool(mask.all()) else None
+    with torch.inference_mode():
+        _sync(device)
+        start = time.perf_counter()
+        cache, logits = prefill(model, ids, chunk_size=chunk_size, attention_mask=padded)
+        first = logits.float().argmax(-1, keepdim=True)  # greedy, as generate's first step
+        _sync(device)
+        prefill_s = time.perf_counter() - start
+        if max_new_tokens == 1:
+            return first, prefill_s
+        out = model.generate(
+            input_ids=torch.cat([ids, first], dim=1), attention_mask=torch.cat([mask, torch.ones_like(first)], dim=1),
+            max_new_tokens=max_new_tokens - 1, **{cache_kwarg(model): cache}, **options,
+        )
+    return out[:, ids.shape[1] :], prefill_s
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int] | None:

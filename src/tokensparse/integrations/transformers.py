@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -215,6 +215,7 @@ def prefill(
     chunk_size: int | None = None,
     attention_mask: torch.Tensor | None = None,
     cache: Any = None,
+    on_chunk: Callable[[int, int], None] | None = None,
 ) -> tuple[Any, torch.Tensor]:
     """Prefill a prompt into a KV cache, ``chunk_size`` tokens per forward pass.
 
@@ -229,9 +230,13 @@ def prefill(
         model: a transformers causal LM (enabled or not).
         input_ids: (B, L) token ids.
         chunk_size: tokens per forward pass (default: the whole prompt at once).
-        attention_mask: optional (B, L) padding mask (1 = real token, left padding).
+        attention_mask: optional (B, L) padding mask (1 = real token, left padding);
+            positions then count real tokens only (as ``generate`` numbers them), so
+            a padded row's cache is the one its unpadded prompt would give.
         cache: a cache to extend (e.g. holding an earlier turn); default a new
             ``DynamicCache``.
+        on_chunk: called with (start, end) token offsets in ``input_ids`` after
+            each chunk's forward is issued (a benchmark marks time there).
 
     Returns:
         (cache, logits): the filled cache (continue with ``model.generate(...,
@@ -252,15 +257,30 @@ def prefill(
     cache = DynamicCache(config=model.config) if cache is None else cache
     past = cache.get_seq_length()
     arg = cache_kwarg(model)
+    mask = positions = None
+    if attention_mask is not None:
+        mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], past), attention_mask], dim=1)
+        if _takes_position_ids(model):
+            # Number the real tokens as generate does; the model alone would count the padding too.
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     logits = None
     for start in range(0, length, chunk_size):
         end = min(start + chunk_size, length)
         kwargs: dict[str, Any] = {arg: cache, "use_cache": True, "logits_to_keep": 1}
-        if attention_mask is not None:
-            prefix = attention_mask.new_ones(attention_mask.shape[0], past)
-            kwargs["attention_mask"] = torch.cat([prefix, attention_mask[:, :end]], dim=1)
+        if mask is not None:
+            kwargs["attention_mask"] = mask[:, : past + end]
+        if positions is not None:
+            kwargs["position_ids"] = positions[:, past + start : past + end]
         logits = model(input_ids=input_ids[:, start:end], **kwargs).logits[:, -1]
+        if on_chunk is not None:
+            on_chunk(start, end)
     return cache, logits
+
+
+def _takes_position_ids(model: torch.nn.Module) -> bool:
+    import inspect
+
+    return "position_ids" in inspect.signature(model.forward).parameters
 
 
 def sparse_layers_of(model: torch.nn.Module) -> tuple[int, ...]:

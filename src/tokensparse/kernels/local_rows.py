@@ -81,6 +81,11 @@ def fill_dropped_rows_triton(
         ``out``, written in place.
     """
     _check(out, query, key, value, kept_idx, block_size)
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"the Triton local-rows kernel takes a whole prompt (query rows {query.shape[2]} == keys "
+            f"{key.shape[2]}); a chunk after a cached prefix runs fill_dropped_rows_torch"
+        )
     check_kernel_dtype("fill_dropped_rows", query, key, value, out)
     batch, _, seq_len, head_dim = query.shape
     if seq_lens is None:
@@ -113,6 +118,8 @@ def _check(out, query, key, value, kept_idx, block_size) -> None:
         raise ValueError(f"kept_idx must be (B, H, K) with (B, H) = {(batch, num_heads)}, got {tuple(kept_idx.shape)}")
     if num_heads % key.shape[1]:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({key.shape[1]})")
+    if seq_len > key.shape[2]:
+        raise ValueError(f"query ({seq_len} rows) must not be longer than key ({key.shape[2]})")
 
 
 # ---------------------------------------------------------------- launcher
@@ -182,26 +189,37 @@ def fill_dropped_rows_torch(
 
     Banded: each block of query rows meets only its three key blocks, and rows
     run ``chunk_rows`` at a time (default: about 64 MiB of logits), so memory is
-    bounded whatever the length. Returns ``out``, written in place through the
-    mask of rows to write.
+    bounded whatever the length. Also takes a chunk after a cached prefix:
+    query and ``out`` with Lq <= L rows, row i at key position L - Lq + i (the
+    grid stays aligned at the sequence's first real token). Returns ``out``,
+    written in place through the mask of rows to write.
     """
     _check(out, query, key, value, kept_idx, block_size)
-    batch, num_heads, seq_len, head_dim = query.shape
+    batch, num_heads, query_len, head_dim = query.shape
+    seq_len = key.shape[2]
+    offset = seq_len - query_len  # key position of query row 0
     scale = head_dim**-0.5 if scale is None else scale
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     if chunk_rows is None:
         chunk_rows = _TORCH_CHUNK_ELEMENTS // (num_heads * 3 * block_size)
     chunk_rows = max(block_size, chunk_rows // block_size * block_size)
-    write = None if kept_idx is None else ~kept_row_mask(kept_idx, seq_len)[..., :seq_len]
+    write = None if kept_idx is None else ~kept_row_mask(kept_idx, seq_len)[..., offset:seq_len]
     lens = [seq_len] * batch if seq_lens is None else [int(n) for n in seq_lens.tolist()]
     for b, n in enumerate(lens):
         pad = seq_len - n
-        _write_rows(out[b, :, :pad], torch.zeros((), dtype=out.dtype, device=out.device), write, b, 0)
-        for r0 in range(0, n, chunk_rows):
+        first_row = min(max(pad - offset, 0), query_len)  # query rows before it are padding
+        _write_rows(out[b, :, :first_row], torch.zeros((), dtype=out.dtype, device=out.device), write, b, 0)
+        # Real-token indices r of the rows, from the block holding the first one; rows
+        # before the chunk (r < offset - pad) have no query: zeros in, dropped after.
+        first_real = offset + first_row - pad
+        for r0 in range(first_real // block_size * block_size, n, chunk_rows):
             r1 = min(n, r0 + chunk_rows)
-            rows = _banded_rows(query[b, :, pad + r0: pad + r1], key[b, :, pad:], value[b, :, pad:],
-                                r0 // block_size, block_size, scale, acc)
-            _write_rows(out[b, :, pad + r0: pad + r1], rows.to(out.dtype), write, b, pad + r0)
+            row0, row1 = r0 + pad - offset, r1 + pad - offset  # query rows of [r0, r1)
+            q = query[b, :, max(row0, 0): row1]
+            if row0 < 0:
+                q = F.pad(q, (0, 0, -row0, 0))
+            rows = _banded_rows(q, key[b, :, pad:], value[b, :, pad:], r0 // block_size, block_size, scale, acc)
+            _write_rows(out[b, :, max(row0, 0): row1], rows[:, max(-row0, 0):].to(out.dtype), write, b, max(row0, 0))
     return out
 
 

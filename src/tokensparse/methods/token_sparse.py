@@ -75,7 +75,7 @@ def token_sparse_prefill(
     query (B, H, Lq, D) may be a chunk after a cached prefix (Lq <= Lk, see
     :func:`tokensparse.token_sparse_attention`); the caller's dense attention
     must then be bottom-right causal."""
-    check_chunk_support(query, key, config, inner)
+    check_chunk_support(query, key, inner)
     selection = select_tokens(query, key, config, scale=scale, key_padding_mask=key_padding_mask)
     if selection.kept_idx is None:
         if inner is None:
@@ -94,7 +94,7 @@ TOKEN_SPARSE = register_method(
         config_type=TokenSparseConfig,
         prefill=token_sparse_prefill,
         runs_dense=lambda config, seq_len: static_dense(config, seq_len),
-        chunks=lambda config: config.dropped_rows == "zero",
+        chunks=lambda config: True,
         layers=LAYERS_SPARSE,
         sparse_layers=lambda config: config.sparse_layers,
         canonical=token_sparse_settings,
