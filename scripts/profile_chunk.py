@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import tokensparse
-from tokensparse.bench.chunked import chunk_sdpa
+from tokensparse.integrations.chunk_sdpa import chunk_sdpa
 
 SPECS = ("dense", "token_sparse:keep_tokens=8192,sparse_layers=0-29",
          "token_sparse:keep_ratio=0.5,sparse_layers=0-29", "token_sparse:coverage=0.02,sparse_layers=0-29")

@@ -158,12 +158,13 @@ def test_chunked_prefill_falls_back_where_the_method_takes_no_chunks(caplog):
             return model(input_ids=ids[:, 200:], past_key_values=cache, use_cache=True).logits
 
     dense_second = two_chunks()
-    tokensparse.enable(model, SPARSE.replace(dropped_rows="local"))  # local rows take no chunks yet
+    # A composition takes no chunks: its block-sparse inner method needs Lq == Lk.
+    tokensparse.enable(model, "token_sparse+flexprefill:coverage=0.3,window=16,min_tokens=16,block_size=32,min_budget=32")
     with caplog.at_level(logging.WARNING, logger="tokensparse"):
         sparse_second = two_chunks()
     assert "queries after a cached prefix" in caplog.text
     assert caplog.text.count("queries after a cached prefix") == 1  # once only
-    # The first chunk ran sparse, so its cache matches; the second chunk is dense SDPA.
+    # The first chunk ran sparse; the second chunk is the model's own SDPA.
     assert torch.isfinite(sparse_second).all()
     tokensparse.disable(model)
     # With nothing dropped in the first chunk, the two runs agree exactly.

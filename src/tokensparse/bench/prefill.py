@@ -12,7 +12,8 @@ dense. With ``chunk_size`` the prompt is prefilled in chunks through a KV cache
 (:func:`tokensparse.prefill`), dense and sparse alike, and the time of every
 chunk is recorded against the prefix before it; the layers that do not
 sparsify run flash SDPA with lower-right causality and no materialised mask
-(:mod:`tokensparse.bench.chunked`), the best chunked dense there is. The time outside attention is measured once per length by running the
+(:mod:`tokensparse.integrations.chunk_sdpa`), the best chunked dense there is.
+The time outside attention is measured once per length by running the
 same forward with an attention that does nothing; a method's attention time is
 its TTFT minus that. Random weights make attention close to uniform, so coverage
 budgets keep nearly every token there; fixed kept shares (``keep_ratio``) show
@@ -32,7 +33,7 @@ import torch
 
 from ..integrations.transformers import disable, enable, plan_of, prefill, selection_report
 from ..methods import parse_methods
-from .chunked import CHUNK_SDPA, chunk_sdpa
+from ..integrations.chunk_sdpa import CHUNK_SDPA, chunk_sdpa
 from .timing import machine_info, time_fn
 
 logger = logging.getLogger(__name__)

@@ -277,4 +277,4 @@ def _banded_rows(q, k, v, first_block, block_size, scale, acc) -> torch.Tensor:
     return out.reshape(num_heads, nbc * block_size, -1)[:, :rows]
 
 
-__all__ = ["fill_dropped_rows", "fill_dropped_rows_torch", "kept_row_mask"]
+__all__ = ["fill_dropped_rows_triton", "fill_dropped_rows_torch", "kept_row_mask"]

@@ -1,4 +1,4 @@
-"""The attention a chunked-prefill benchmark runs where it does not sparsify.
+"""Mask-free causal SDPA for chunked prefill: ``chunk_sdpa(model)``.
 
 transformers' SDPA path gives every chunk after a cached prefix a materialised
 (B, 1, Lq, Lk) boolean mask (64 GiB for a 64K chunk over a 1M prefix) and runs
@@ -6,9 +6,10 @@ the masked SDPA kernels. Without padding the mask says nothing but "causal by
 absolute position", which SDPA's lower-right causal bias states exactly and
 lets the flash kernel run. :data:`CHUNK_SDPA` registers that attention and a
 mask builder that builds nothing without padding (with padding both defer to
-transformers' SDPA), so chunked dense is measured at its best, and the token
-sparse layers of the same model get ``attention_mask=None`` (bottom-right
-causal, no padding) too.
+transformers' SDPA). Switch a model to it with :func:`chunk_sdpa` and enable
+tokensparse inside: the token sparse layers then get ``attention_mask=None``
+(bottom-right causal, no padding) too. ``bench prefill --chunk-size`` runs
+dense and sparse this way.
 """
 
 from __future__ import annotations
