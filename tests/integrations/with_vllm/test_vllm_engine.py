@@ -160,3 +160,15 @@ def test_same_answer_and_kept_tokens_as_the_transformers_path(folder, prompts, s
         hf_kept = report[layer].num_kept[0]
         # bf16 scores on both sides, summed in different orders: the budgets agree within 1%
         assert abs(sum(vllm_kept[layer]) - sum(hf_kept)) <= 0.01 * sum(hf_kept), (layer, vllm_kept[layer], hf_kept)
+
+
+def test_local_rows_on_a_chunked_prefill(folder, prompts, tmp_path):
+    """The whole-model setting's local rows run sparse on chunks after the cached prefix too."""
+    out, log = run_engine(folder, prompts["ids"][:1], tmp_path, custom=True, max_num_batched_tokens=1024,
+                          env={"TOKENSPARSE_METHOD": SPARSE + ",dropped_rows=local",
+                               "TOKENSPARSE_RECORD": str(tmp_path / "chunks.jsonl")})
+    assert prompts["expected"] in prompts["tokenizer"].decode(out["tokens"][0])
+    assert (tmp_path / "chunks.jsonl").exists(), log[-4000:]
+    chunks = [r for r in read_records(tmp_path / "chunks.jsonl") if r["query_len"] < r["seq_len"]]
+    assert chunks and any(max(r["num_kept"]) < r["seq_len"] for r in chunks)
+    assert "wrapped backend" not in log
