@@ -31,9 +31,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..integrations.chunk_sdpa import CHUNK_SDPA, chunk_sdpa
 from ..integrations.transformers import disable, enable, plan_of, prefill, selection_report
 from ..methods import parse_methods
-from ..integrations.chunk_sdpa import CHUNK_SDPA, chunk_sdpa
 from .timing import machine_info, time_fn
 
 logger = logging.getLogger(__name__)
