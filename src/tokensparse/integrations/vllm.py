@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 from typing import Any
 
 import torch
@@ -209,6 +208,34 @@ def _forward(impl, wrapped, layer, query, key, value, kv_cache, meta, output, ou
     return impl._tokensparse.forward(layer, query, key, value, kv_cache, meta, output, wrapped)
 
 
+class _TokenSparseImpl:
+    """Mixed in ahead of a platform attention impl: token sparse prefill on the layers of the plan.
+
+    The impl supplies ``wrapped_name``, ``_read_prefix`` (the cached prefix out of
+    its paged layout), ``_unsupported_metadata`` and ``_sub_metadata``.
+    """
+
+    wrapped_name: str
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _init_sparse(self)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        """query (T, H, D), key/value (T, Hkv, D), kv_cache (num_blocks, Hkv, block_size, 2 D)."""
+        return _forward(self, super().forward, layer, query, key, value, kv_cache, attn_metadata, output,
+                        output_scale, output_block_scale)
+
+    def _request_kv(self, layer, key, value, kv_cache, meta, span: RequestSpan):
+        """(Lk, Hkv, D) keys and values of one request: cached prefix (read from the pages) + the chunk's own."""
+        chunk = slice(span.query_start, span.query_end)
+        if span.context_len == 0:
+            return key[chunk], value[chunk]
+        prefix_k, prefix_v = self._read_prefix(layer, kv_cache, meta, span)
+        return torch.cat([prefix_k, key[chunk]]), torch.cat([prefix_v, value[chunk]])
+
+
 # ---------------------------------------------------------------- CPU: wraps vLLM's CPU attention
 @functools.cache
 def _cpu_classes() -> tuple[type, type]:
@@ -216,7 +243,7 @@ def _cpu_classes() -> tuple[type, type]:
     from vllm import envs
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-    class TokenSparseCPUImpl(CPUAttentionBackendImpl):
+    class TokenSparseCPUImpl(_TokenSparseImpl, CPUAttentionBackendImpl):
         """vLLM's CPU attention with token sparse prefill on the layers of the plan."""
 
         wrapped_name = "CPU_ATTN"
@@ -226,31 +253,19 @@ def _cpu_classes() -> tuple[type, type]:
 
             super().__init__(*args, **kwargs)
             self._model_dtype = get_current_vllm_config().model_config.dtype
-            _init_sparse(self)
-
-        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                    output_scale=None, output_block_scale=None):
-            """query (T, H, D), key/value (T, Hkv, D), kv_cache (num_blocks, Hkv, block_size, 2 D)."""
-            return _forward(self, super().forward, layer, query, key, value, kv_cache, attn_metadata, output,
-                            output_scale, output_block_scale)
 
         def _unsupported_metadata(self, meta) -> str | None:
             if meta.dynamic_causal is not None or meta.causal is not True:
                 return "a non-causal or dynamically causal batch"
             return None
 
-        def _request_kv(self, layer, key, value, kv_cache, meta, span: RequestSpan):
-            """(Lk, Hkv, D) keys and values of one request: cached prefix (read from the pages) + the chunk's own."""
-            chunk = slice(span.query_start, span.query_end)
-            if span.context_len == 0:
-                return key[chunk], value[chunk]
+        def _read_prefix(self, layer, kv_cache, meta, span: RequestSpan):
             num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
             key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
             key_order, value_order = _cpu_block_order(layer.isa, block_size, self.head_size, kv_cache.dtype)
             row = meta.block_table[span.index]
-            prefix_k = read_paged(key_cache, row, span.context_len, block_order=key_order).transpose(0, 1)
-            prefix_v = read_paged(value_cache, row, span.context_len, block_order=value_order).transpose(0, 1)
-            return torch.cat([prefix_k, key[chunk]]), torch.cat([prefix_v, value[chunk]])
+            return (read_paged(key_cache, row, span.context_len, block_order=key_order).transpose(0, 1),
+                    read_paged(value_cache, row, span.context_len, block_order=value_order).transpose(0, 1))
 
         def _sub_metadata(self, layer, meta, *, num_tokens, query_start_loc, seq_lens, block_table,
                           slot_mapping, max_query_len, max_seq_len):
@@ -309,20 +324,10 @@ def _cpu_block_order(isa: str, block_size: int, head_size: int, dtype: torch.dty
 def _flash_classes() -> tuple[type, type]:
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
 
-    class TokenSparseFlashImpl(FlashAttentionImpl):
+    class TokenSparseFlashImpl(_TokenSparseImpl, FlashAttentionImpl):
         """vLLM's FlashAttention with token sparse prefill on the layers of the plan."""
 
         wrapped_name = "FLASH_ATTN"
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            _init_sparse(self)
-
-        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                    output_scale=None, output_block_scale=None):
-            """query (T, H, D), key/value (T, Hkv, D), kv_cache (num_blocks, Hkv, block_size, 2 D)."""
-            return _forward(self, super().forward, layer, query, key, value, kv_cache, attn_metadata, output,
-                            output_scale, output_block_scale)
 
         def _unsupported_metadata(self, meta) -> str | None:
             if not isinstance(meta.causal, bool) or not meta.causal:
@@ -333,16 +338,12 @@ def _flash_classes() -> tuple[type, type]:
                 return "reference sliding-window attention"
             return None
 
-        def _request_kv(self, layer, key, value, kv_cache, meta, span: RequestSpan):
-            chunk = slice(span.query_start, span.query_end)
-            if span.context_len == 0:
-                return key[chunk], value[chunk]
+        def _read_prefix(self, layer, kv_cache, meta, span: RequestSpan):
             # (num_blocks, Hkv, block_size, 2 D) -> (num_blocks, block_size, Hkv, D) each, as the impl reads it
             key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
             row = meta.block_table[span.index]
-            prefix_k = read_paged(key_cache, row, span.context_len, layout="bnhd").transpose(0, 1)
-            prefix_v = read_paged(value_cache, row, span.context_len, layout="bnhd").transpose(0, 1)
-            return torch.cat([prefix_k, key[chunk]]), torch.cat([prefix_v, value[chunk]])
+            return (read_paged(key_cache, row, span.context_len, layout="bnhd").transpose(0, 1),
+                    read_paged(value_cache, row, span.context_len, layout="bnhd").transpose(0, 1))
 
         def _sub_metadata(self, layer, meta, *, num_tokens, query_start_loc, seq_lens, block_table,
                           slot_mapping, max_query_len, max_seq_len):
