@@ -14,12 +14,17 @@
 #                                                   chunked dense vs token sparse with a fixed key budget
 #   OUT=$OUT bash scripts/gpu_session.sh chunked_ruler   RULER 4K/8K on the embedded model, whole prompt vs
 #   OUT=$OUT bash scripts/gpu_session.sh chunked_niah    1K chunks ($CHUNK_METHODS); NIAH 1K-8K likewise
+#   OUT=$OUT bash scripts/gpu_session.sh tiers      time to first token of the tiered plans (coverage 0.02 on
+#                                                   the safe layers, a milder token sparse on the others) beside
+#                                                   dense, the modes taking turns over 2 rounds, 4K-128K
+#   OUT=$OUT bash scripts/gpu_session.sh tiers_ruler     RULER 4K/8K and NIAH 1K-8K of the tiered plans
+#   OUT=$OUT bash scripts/gpu_session.sh tiers_niah
 #
 # TOKENSPARSE_GGUF: path of SmolLM2-135M-Instruct.Q4_1.gguf (prefill, ruler, niah).
 set -uo pipefail
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu}
-STAGE=${1:?stage: kernels, prefill, ruler, niah, chunked, chunked_ruler or chunked_niah}
+STAGE=${1:?stage: kernels, prefill, ruler, niah, chunked, chunked_ruler, chunked_niah, tiers, tiers_ruler or tiers_niah}
 PY=${PYTHON:-python3}
 GGUF=${TOKENSPARSE_GGUF:-smollm2}
 mkdir -p "$OUT/$STAGE"
@@ -31,6 +36,11 @@ REC_FP="token_sparse+flexprefill:coverage=0.02,dropped_rows=local,sparse_layers=
 REC_XA="token_sparse+xattention:coverage=0.02,dropped_rows=local,sparse_layers=$SAFE"
 SAFE_ONLY="token_sparse:coverage=0.02,dropped_rows=local,sparse_layers=$SAFE"
 ALL_LAYERS="token_sparse:coverage=0.02,dropped_rows=local,sparse_layers=0-29"
+# Tiers: the safe layers as above, a milder token sparse on the 7 others (0-2, 7, 8, 14, 17).
+TIER_HALF="$SAFE_ONLY | token_sparse:keep_ratio=0.5,dropped_rows=local"
+TIER_3Q="$SAFE_ONLY | token_sparse:keep_ratio=0.75,dropped_rows=local"
+TIER_COV="$SAFE_ONLY | token_sparse:coverage=0.005,dropped_rows=local"
+TIER_METHODS=${TIER_METHODS:-"$SAFE_ONLY,$TIER_HALF,$TIER_3Q,$TIER_COV"}
 # Chunks take token sparse with zero rows: the paper's setting and a fixed key budget per chunk.
 CHUNK_METHODS=${CHUNK_METHODS:-"token_sparse,token_sparse:keep_tokens=2048"}
 EVAL_METHODS=${EVAL_METHODS:-"dense,flexprefill,xattention,token_sparse+xattention:keep_ratio=0.5,dropped_rows=local,$ALL_LAYERS,$REC_FP,$REC_XA"}
@@ -87,6 +97,20 @@ chunked_niah)
           --haystack essay --batch-size 128 --no-report --no-progress)
     timeout 250 $PY -m tokensparse.cli eval niah "${ARGS[@]}" --methods "dense,$CHUNK_METHODS"
     timeout 250 $PY -m tokensparse.cli eval niah "${ARGS[@]}" --methods "$CHUNK_METHODS" --chunk-size 1024
+    ;;
+tiers)
+    timeout 420 $PY -m tokensparse.cli bench prefill --model "$GGUF" --rope-scaling 16 \
+        --lengths 4096,8192,16384,32768,49152,65536,131072 --min-lengths 0,auto --rounds 2 --budget-ms 300 \
+        --methods "$TIER_METHODS,$REC_FP" --out "$OUT/tiers/smollm2.json"
+    ;;
+tiers_ruler)
+    timeout 560 $PY -m tokensparse.cli eval ruler --model "$GGUF" --methods "dense,$TIER_METHODS" --out "$OUT/eval" \
+        --tasks synthetic --lengths 4096,8192 --samples 10 --batch-size 128 --no-report --no-progress
+    ;;
+tiers_niah)
+    timeout 400 $PY -m tokensparse.cli eval niah --model "$GGUF" --methods "dense,$TIER_METHODS" --out "$OUT/eval" \
+        --lengths 1024,2048,3072,4096,5120,6144,7168,8192 --depths 10 --haystack essay --batch-size 128 \
+        --no-report --no-progress
     ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tokensparse
-from tokensparse.methods import parse_method
+from tokensparse.methods import parse_method, parse_methods
 from tokensparse.plan import LayerPlan, build_plan
 from tokensparse.sensitivity import SensitivityProfile
 from tokensparse.profile import ModelIdentity
@@ -104,3 +104,85 @@ def test_auto_gate_is_the_measured_crossover_of_each_method():
     assert all(n > 0 for n in table.values())
     with pytest.raises(ValueError, match="'auto'"):
         build_plan(None, "xattention", num_layers=2, min_length="soon")
+
+
+# ---------------------------------------------------------------- tiers: "SPEC | SPEC"
+LOCAL = "token_sparse:keep_ratio=0.25,window=16,min_tokens=16,sparse_layers=1"
+MILD = "token_sparse:keep_ratio=0.75,window=16,min_tokens=16"
+
+
+def test_tiers_parse_label_and_round_trip():
+    spec = parse_method(f"{LOCAL} | {MILD}")
+    assert spec.name == "tiers" and [t.label for t in spec.config.tiers] == [parse_method(LOCAL).label,
+                                                                              parse_method(MILD).label]
+    assert spec.label == f"{parse_method(LOCAL).label} | {parse_method(MILD).label}"
+    assert parse_method(spec.label) == spec
+    # In a comma-separated list a '|' continues the spec before it; settings after it go to the last tier.
+    specs = parse_methods(f"dense,{LOCAL} | token_sparse:keep_ratio=0.75,window=16,min_tokens=16,flexprefill")
+    assert [s.label for s in specs] == ["dense", spec.label, "flexprefill"]
+    assert parse_methods(spec.label) == [spec]
+
+
+def test_tiers_first_tier_that_takes_a_layer_runs_it():
+    plan = build_plan(None, f"{LOCAL} | {MILD}", num_layers=4)
+    assert [e.spec.config.keep_ratio for e in plan.layers] == [0.75, 0.25, 0.75, 0.75]
+    assert plan.sparse_layers == (0, 1, 2, 3)
+    # Untaken layers run the model's own attention; a block-sparse tier takes every layer left.
+    assert labels(build_plan(None, f"{MILD},sparse_layers=0;2 | {LOCAL}", num_layers=4)) == [
+        "token_sparse", "token_sparse", "token_sparse", None]
+    plan = build_plan(None, f"{LOCAL} | flexprefill", num_layers=3, min_length="auto")
+    assert labels(plan) == ["flexprefill", "token_sparse", "flexprefill"] and plan.sparse_layers == (1,)
+    from tokensparse.plan import measured_min_lengths
+
+    assert [e.min_length for e in plan.layers] == [measured_min_lengths()[n] for n in labels(plan)]
+
+
+def test_tiers_errors_name_the_problem():
+    with pytest.raises(ValueError, match="runs on no layer"):
+        build_plan(None, f"token_sparse+flexprefill:sparse_layers=1 | {MILD}", num_layers=3)
+    with pytest.raises(ValueError, match="runs on no layer"):
+        build_plan(None, f"{MILD} | {LOCAL}", num_layers=3)
+    with pytest.raises(ValueError, match="changes nothing"):
+        parse_method(f"{LOCAL} | dense")
+    with pytest.raises(ValueError, match="SPEC | SPEC"):
+        parse_method("tiers:tiers=1")
+    with pytest.raises(ValueError, match="non-empty"):
+        parse_method(f"{LOCAL} | ")
+    with pytest.raises(ValueError, match="before any method name"):
+        parse_methods("| token_sparse")
+    with pytest.raises(ValueError, match="layer plan"):
+        parse_method(f"{LOCAL} | {MILD}").method.prefill(None, None, None, None)
+    from tokensparse.methods.registry import parse_op_methods
+
+    with pytest.raises(ValueError, match="layer plan"):
+        parse_op_methods(f"dense,{LOCAL} | {MILD}")
+
+
+def test_tiers_profile_chooses_the_first_tiers_layers():
+    model = tiny_llama()
+    profile = SensitivityProfile(
+        model=ModelIdentity.from_model(model), length=512, positions=8, config={},
+        kl=(0.5, 1e-4, 2e-3, 1e-3), top1=(0.5, 1.0, 1.0, 1.0), calibration="test", calibration_sha256="0",
+        version="0", device="cpu", dtype="float32",
+    )
+    plan = build_plan(model, f"{SPARSE} | {MILD}", profile=profile)
+    assert [e.spec.config.keep_ratio for e in plan.layers] == [0.75, 0.5, 0.75, 0.5]
+
+
+def test_tiered_model_runs_each_tiers_setting_in_its_layers():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 200))
+    with torch.inference_mode():
+        tokensparse.enable(model, f"{LOCAL} | {MILD}", record=True)
+        tiered = model(input_ids=ids).logits
+        (prefill,) = tokensparse.selection_report(model)
+        by_plan = [model(input_ids=ids).logits]
+        plan = build_plan(model, f"{LOCAL} | {MILD}")
+        tokensparse.enable(model, plan)
+        by_plan.append(model(input_ids=ids).logits)
+        tokensparse.disable(model)
+        dense = model(input_ids=ids).logits
+    shares = {layer: record.mean_kept_share for layer, record in prefill.items()}
+    assert sorted(shares) == [0, 1, 2, 3]
+    assert shares[1] < 0.4 and min(shares[i] for i in (0, 2, 3)) > 0.6
+    assert all(torch.equal(tiered, other) for other in by_plan) and not torch.equal(tiered, dense)

@@ -173,6 +173,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--reps", type=int, default=2, help="least timed runs per measurement (median)")
     f.add_argument("--budget-ms", type=float, default=1.0,
                    help="keep timing until this much time is spent (more runs at short prompts; default 1: --reps decides)")
+    f.add_argument("--rounds", type=int, default=1,
+                   help="time every mode this many times, the modes taking turns; TTFT is the median of the rounds")
     f.add_argument("--chunk-size", type=int, default=None,
                    help="prefill in chunks of this many tokens through a KV cache, dense and sparse alike "
                    "(default: the whole prompt in one forward)")
@@ -299,7 +301,7 @@ def _run_bench_prefill(args: argparse.Namespace) -> int:
         model=args.model, lengths=tuple(lengths), batch=args.batch, methods=tuple(s.label for s in args.methods),
         rope_scaling=args.rope_scaling, profile=args.profile, min_lengths=tuple(args.min_lengths),
         warmup=args.warmup, min_reps=args.reps, budget_ms=args.budget_ms, device=args.device,
-        chunk_size=args.chunk_size,
+        chunk_size=args.chunk_size, rounds=args.rounds,
     )
     return _run_bench(run_prefill_bench, cfg, args, plot_prefill, summary_lines)
 

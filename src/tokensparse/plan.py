@@ -14,6 +14,9 @@ matches; else the second half of the layers (the paper's fallback), with a
 warning once. The other layers run what the method names for them (the inner
 method of a composition, the model's own attention for plain token sparse).
 Methods that run everywhere (``flexprefill``, ``xattention``) take every layer.
+A tiered spec (``A | B``, :mod:`tokensparse.methods.tiers`) gives each layer the
+entry of its first tier that has one; only the first tier reads ``profile``,
+and a later token-sparse tier that names no layers takes every layer left.
 
 Every entry may also carry a minimum prompt length: shorter prefills run the
 model's own attention with no selection work at all (the length gate);
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .log import warn_once
-from .methods import MethodSpec, as_spec
+from .methods import MethodSpec, as_spec, tiers_of
 from .methods.registry import LAYERS_SPARSE
 from .profile import LayerProfile, ModelIdentity, find_profile, load_profile, profile_kind, read_profile_json
 from .sensitivity import DEFAULT_MAX_KL, SENSITIVITY_KIND, SensitivityProfile, find_sensitivity_profile, safe_layers
@@ -90,8 +93,8 @@ class LayerPlan:
 
     @property
     def sparse_layers(self) -> tuple[int, ...]:
-        """Layers that run the plan's own method (the sparse layers of token sparse)."""
-        return self.layers_running(self.method.name)
+        """Layers that select tokens (token sparse or a composition, of any tier)."""
+        return tuple(i for i, e in enumerate(self.layers) if e is not None and e.spec.method.layers == LAYERS_SPARSE)
 
     def with_min_length(self, min_length: "int | dict[str, int] | str") -> "LayerPlan":
         """The same plan with a length gate: one length for every entry, one per method name,
@@ -141,27 +144,41 @@ def build_plan(
             name, or ``"auto"`` for the crossovers measured on the H200.
     """
     spec = as_spec(method)
-    entry_method = spec.method
     if num_layers is None:
         num_layers = _num_layers(model)
-    if entry_method.prefill is None:
-        layers: list[LayerEntry | None] = [None] * num_layers
-    elif entry_method.layers != LAYERS_SPARSE:
+    layers: list[LayerEntry | None] = [None] * num_layers
+    for i, tier in enumerate(tiers_of(spec)):
+        taken = _tier_layers(model, tier, num_layers, profile if i == 0 else None, first=i == 0)
+        if tier is not spec and not any(new is not None and old is None for old, new in zip(layers, taken)):
+            raise ValueError(f"tier {tier.label!r} runs on no layer: the tiers before it take every layer it would")
+        layers = [old if old is not None else new for old, new in zip(layers, taken)]
+    return LayerPlan(tuple(layers), spec).with_min_length(min_length)
+
+
+def _tier_layers(
+    model: Any, spec: MethodSpec, num_layers: int, profile: Any, *, first: bool
+) -> list[LayerEntry | None]:
+    """The entries ``spec`` alone gives each layer; a token-sparse tier after the first
+    that names no layers takes them all (the tiers before it have taken theirs)."""
+    method = spec.method
+    if method.prefill is None:
+        return [None] * num_layers
+    if method.layers != LAYERS_SPARSE:
         if profile is not None:
             raise ValueError(f"method {spec.name!r} runs on every layer; it takes no profile")
-        layers = [LayerEntry(spec)] * num_layers
-    else:
-        named = entry_method.sparse_layers(spec.config)
-        if named is not None and profile is not None:
-            raise ValueError("pass either the config's sparse_layers or profile, not both")
-        sparse = set(named if named is not None else _profile_layers(model, profile, num_layers))
-        bad = sorted(i for i in sparse if i >= num_layers)
-        if bad:
-            raise ValueError(f"config.sparse_layers has indices {bad} beyond the model's {num_layers} layers")
-        other = entry_method.others(spec.config)
-        layers = [LayerEntry(spec) if i in sparse else (None if other is None else LayerEntry(other))
-                  for i in range(num_layers)]
-    return LayerPlan(tuple(layers), spec).with_min_length(min_length)
+        return [LayerEntry(spec)] * num_layers
+    named = method.sparse_layers(spec.config)
+    if named is not None and profile is not None:
+        raise ValueError("pass either the config's sparse_layers or profile, not both")
+    if named is None and not first:
+        named = tuple(range(num_layers))
+    sparse = set(named if named is not None else _profile_layers(model, profile, num_layers))
+    bad = sorted(i for i in sparse if i >= num_layers)
+    if bad:
+        raise ValueError(f"config.sparse_layers has indices {bad} beyond the model's {num_layers} layers")
+    other = method.others(spec.config)
+    return [LayerEntry(spec) if i in sparse else (None if other is None else LayerEntry(other))
+            for i in range(num_layers)]
 
 
 def _num_layers(model: Any) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tokensparse.cli import main
 from tokensparse.methods import parse_method
 
@@ -125,3 +127,25 @@ def test_bench_overhead_cli_tiny(tmp_path, capsys):
     assert row["dense"]["lone_ms"] > 0 and entry["lone_ms"] > 0 and entry["host_ms"] > 0
     assert "over_dense_ms" in entry and "gpu_ms" not in entry  # GPU time and profiler counts are CUDA only
     assert (tmp_path / "overhead.png").stat().st_size > 0
+
+
+def test_bench_prefill_rounds_and_tiers(tmp_path):
+    """Modes take turns over rounds; a tiered spec records the kept share of every tier's layers."""
+    out = tmp_path / "prefill.json"
+    spec = "token_sparse:keep_ratio=0.25,window=16,min_tokens=16,sparse_layers=0 | token_sparse:keep_ratio=0.75"
+    assert main([
+        "bench", "prefill", "--device", "cpu", "--model", "tiny-random", "--lengths", "160", "--methods",
+        spec + ",window=16,min_tokens=16", "--rounds", "3", "--warmup", "0", "--reps", "1", "--out", str(out),
+    ]) == 0
+    data = json.loads(out.read_text())
+    modes = data["results"][0]["modes"]
+    entry = modes[parse_method(spec + ",window=16,min_tokens=16").label]
+    assert entry["time"]["reps"] == 3 and len(entry["time"]["round_medians_ms"]) == 3
+    assert entry["ttft_ms"] == sorted(entry["time"]["round_medians_ms"])[1]
+    shares = entry["kept_share_by_layer"]
+    assert shares["0"] < 0.4 < 0.6 < shares["1"]
+    assert len(modes["dense"]["time"]["round_medians_ms"]) == 3
+    with pytest.raises(ValueError, match="rounds"):
+        from tokensparse.bench.prefill import PrefillBenchConfig
+
+        PrefillBenchConfig(rounds=0)

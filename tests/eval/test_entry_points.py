@@ -20,6 +20,10 @@ TINY = {
     "token_sparse+xattention": "token_sparse+xattention:keep_ratio=0.5,window=16,min_tokens=16,threshold=0.6,stride=4,block_size=16",
 }
 
+# Tiers (a layer plan, not an op) run through the model-level entry points only.
+TIERED = ("token_sparse:keep_ratio=0.25,window=16,min_tokens=16,sparse_layers=0 | "
+          "token_sparse+flexprefill:keep_ratio=0.75,window=16,min_tokens=16,gamma=0.6,min_budget=16,block_size=16")
+
 
 def test_every_registered_method_has_a_tiny_spec():
     assert sorted(TINY) == known_methods()
@@ -43,9 +47,10 @@ def test_bench_attention_runs_every_method(tmp_path, specs):
 def test_bench_prefill_runs_every_method(tmp_path, specs):
     out = tmp_path / "p.json"
     assert main(["bench", "prefill", "--device", "cpu", "--model", "tiny-random", "--lengths", "160",
-                 "--methods", specs, "--warmup", "0", "--reps", "1", "--out", str(out)]) == 0
+                 "--methods", f"{specs},{TIERED}", "--warmup", "0", "--reps", "1", "--out", str(out)]) == 0
     modes = json.loads(out.read_text())["results"][0]["modes"]
-    assert set(modes) == {parse_method(s).label for s in TINY.values()}
+    assert set(modes) == {parse_method(s).label for s in [*TINY.values(), TIERED]}
+    assert set(modes[parse_method(TIERED).label]["kept_share_by_layer"]) == {"0", "1"}
 
 
 def test_eval_runs_every_method(tiny_loaded, tmp_path, specs):
@@ -54,6 +59,6 @@ def test_eval_runs_every_method(tiny_loaded, tmp_path, specs):
     from tokensparse.methods import parse_methods
 
     samples = niah.grid_samples(tiny_loaded.tokenizer, [200], [0.5], haystack="filler", max_new_tokens=2)
-    runs = run_eval(tiny_loaded, "niah", samples, parse_methods(specs), tmp_path)
-    assert [r.ran for r in runs] == [1] * len(TINY)
+    runs = run_eval(tiny_loaded, "niah", samples, parse_methods(f"{specs},{TIERED}"), tmp_path)
+    assert [r.ran for r in runs] == [1] * (len(TINY) + 1)
     assert tiny_loaded.model.config._attn_implementation == "sdpa"

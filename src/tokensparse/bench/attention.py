@@ -35,7 +35,8 @@ import torch
 from ..attention import token_sparse_attention
 from ..config import TokenSparseConfig
 from ..kernels import ops_for, sdpa
-from ..methods import MethodSpec, parse_methods, spec_for
+from ..methods import MethodSpec, spec_for
+from ..methods.registry import parse_op_methods
 from ..selection import fixed_budget, select_tokens, smooth_scores, token_budget
 from .timing import machine_info, peak_memory, time_fn
 
@@ -85,7 +86,7 @@ class AttentionBenchConfig:
 
     def specs(self) -> list[MethodSpec]:
         """The parsed method specs, ``dense`` left out (it is always timed)."""
-        return [s for s in parse_methods(list(self.methods)) if s.name != "dense"] if self.methods else []
+        return parse_op_methods(list(self.methods)) if self.methods else []
 
 
 def flops_causal(batch_heads: int, length: int, head_dim: int) -> float:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..methods import parse_methods
+from ..methods.registry import parse_op_methods
 from ..ops import dense_causal_attention
 from .attention import DTYPES, make_inputs
 from .timing import machine_info, time_fn
@@ -46,7 +46,7 @@ class OverheadBenchConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        parse_methods(list(self.methods))  # raises ValueError naming a bad spec
+        parse_op_methods(list(self.methods))  # raises ValueError naming a bad spec
 
 
 def _host_ms(fn: Callable[[], Any], device: torch.device, reps: int = 5) -> float:
@@ -95,7 +95,7 @@ def run_overhead_bench(
     """``{"meta", "config", "results": [{"seq_len", "dense", "methods": {label: entry}}]}``."""
     say = progress or (lambda msg: None)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    specs = [s for s in parse_methods(list(cfg.methods)) if s.name != "dense"]
+    specs = parse_op_methods(list(cfg.methods))
     results = []
     for length in cfg.lengths:
         q, k, v = make_inputs(

@@ -66,7 +66,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import metrics
 from ..integrations.hf import cache_kwarg
-from ..integrations.transformers import disable, enable, prefill, selection_report, sparse_layers_of
+from ..integrations.transformers import disable, enable, plan_of, prefill, selection_report, sparse_layers_of
 from ..methods import MethodSpec
 from ..methods.registry import LAYERS_SPARSE
 from .prompts import Sample
@@ -242,8 +242,9 @@ def _run_method(
     if switched:
         enable(model, spec, record=selects)
     try:
-        layers = sparse_layers_of(model) if selects else ()
-        window = getattr(getattr(spec.config, "token_sparse", spec.config), "window", None)
+        # Each sparse layer's observation window (tiers may differ), for the prefix kept share.
+        windows = {layer: _window(plan_of(model).layers[layer].spec.config) for layer in sparse_layers_of(model)} \
+            if selects else {}
         settings = _settings(spec.config)
         batches = list(_batches(samples, batch_size))
         warm: set[int] = set()
@@ -271,7 +272,7 @@ def _run_method(
                     if chunk_size:
                         row["chunk_size"] = chunk_size
                     if selects:
-                        row.update(_kept(records, layers, b, sample.num_tokens, window))
+                        row.update(_kept(records, windows, b))
                     row["model"] = loaded.name
                     row["num_layers"] = num_layers
                     row.update(sample_hash=sample.fingerprint, **stamp)
@@ -285,16 +286,22 @@ def _run_method(
             disable(model)
 
 
-def _settings(config: Any) -> dict[str, Any] | None:
-    """The method's settings as a JSON-able dict (nested for compositions), None without settings."""
+def _settings(config: Any) -> Any:
+    """The method's settings as JSON-able values (nested for compositions and tiers), None without settings."""
     if config is None:
         return None
     if hasattr(config, "to_dict"):
         return config.to_dict()
+    if isinstance(config, (list, tuple)):
+        return [_settings(item) for item in config]
     if dataclasses.is_dataclass(config):
-        return {f.name: _settings(getattr(config, f.name)) if dataclasses.is_dataclass(getattr(config, f.name))
-                else getattr(config, f.name) for f in dataclasses.fields(config)}
-    return {"label": str(config)}
+        return {f.name: _settings(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return config if isinstance(config, (str, int, float, bool)) else {"label": str(config)}
+
+
+def _window(config: Any) -> int | None:
+    """The observation window of a token-sparse layer's config (plain or composed)."""
+    return getattr(getattr(config, "token_sparse", config), "window", None)
 
 
 def _repair(path: Path) -> None:
@@ -347,11 +354,11 @@ def _record(
     }
 
 
-def _kept(
-    records: dict[int, Any], layers: tuple[int, ...], b: int, num_tokens: int, window: int | None
-) -> dict[str, Any]:
+def _kept(records: dict[int, Any], windows: dict[int, int | None], b: int) -> dict[str, Any]:
+    """Sequence ``b``'s kept share, prefix kept share and dropped mass per sparse layer (``windows``:
+    layer -> its observation window)."""
     kept, prefix_kept, dropped = {}, {}, {}
-    for layer in layers:
+    for layer, window in windows.items():
         rec = records.get(layer)
         if rec is None:
             kept[str(layer)], prefix_kept[str(layer)], dropped[str(layer)] = 1.0, 1.0, 0.0

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 Settings = dict[str, str]
+TIERS = "tiers"  # the method of tiered specs, registered by tokensparse.methods.tiers
+TIER_SEPARATOR = "|"
 LAYERS_ALL = "all"
 LAYERS_SPARSE = "sparse"
 
@@ -65,6 +67,8 @@ class Method:
             model's own attention).
         canonical: ``canonical(config)`` -> canonical settings; default: the fields
             that differ from the defaults.
+        label: ``label(config)`` -> the whole spec string, for a method whose
+            specs are not ``name:settings`` (tiers); default: None.
         parse: ``parse(raw)`` -> config from the raw ``key=value`` strings; default:
             the config dataclass's fields, converted by their type.
         description: one line for help texts.
@@ -81,6 +85,7 @@ class Method:
     sparse_layers: Callable[[Any], tuple[int, ...] | None] = lambda config: None
     others: Callable[[Any], "MethodSpec | None"] = lambda config: None
     canonical: Callable[[Any], Settings] | None = None
+    label: Callable[[Any], str] | None = None
     parse: Callable[[Settings], Any] | None = None
     description: str = ""
 
@@ -125,6 +130,8 @@ class MethodSpec:
     @property
     def label(self) -> str:
         """Canonical spec string, e.g. ``token_sparse:coverage=0.02``."""
+        if self.method.label is not None:
+            return self.method.label(self.config)
         if not self.settings:
             return self.name
         return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.settings)
@@ -154,7 +161,8 @@ def register_method(method: Method, *, replace: bool = False) -> Method:
 
 
 def known_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    """Names a spec may start with (tiers are written ``SPEC | SPEC``, not by name)."""
+    return sorted(name for name in _REGISTRY if name != TIERS)
 
 
 def get_method(name: str) -> Method:
@@ -164,9 +172,13 @@ def get_method(name: str) -> Method:
 
 
 def parse_method(spec: str) -> MethodSpec:
-    """Parse one spec string ``name[:key=value,...]``."""
+    """Parse one spec string ``name[:key=value,...]``, or tiers of them joined by ``|``
+    (:mod:`tokensparse.methods.tiers`)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"method spec must be a non-empty string, got {spec!r}")
+    if TIER_SEPARATOR in spec:
+        tiers = get_method(TIERS)
+        return spec_for(TIERS, tiers.config_type(tuple(parse_method(part) for part in spec.split(TIER_SEPARATOR))))
     name, _, rest = spec.strip().partition(":")
     method = get_method(name.strip())
     raw: Settings = {}
@@ -214,19 +226,25 @@ def parse_methods(text: str | list[str]) -> list[MethodSpec]:
     """Parse a comma-separated list of specs (or a list of such strings).
 
     A piece with '=' but no ':' continues the previous spec's settings, so
-    ``dense,token_sparse:budget=keep_ratio,keep_ratio=0.5`` is two methods.
+    ``dense,token_sparse:budget=keep_ratio,keep_ratio=0.5`` is two methods; what
+    follows a ``|`` is the next tier of the same spec.
     Duplicates (same label) are dropped.
     """
     parts = [text] if isinstance(text, str) else list(text)
     specs: list[str] = []
     for part in parts:
         for piece in filter(None, (p.strip() for p in part.split(","))):
-            if "=" in piece and ":" not in piece:
+            head, *tiers = (t.strip() for t in piece.split(TIER_SEPARATOR))
+            if head and "=" in head and ":" not in head:
                 if not specs:
-                    raise ValueError(f"setting {piece!r} comes before any method name")
-                specs[-1] += "," + piece
-            else:
-                specs.append(piece)
+                    raise ValueError(f"setting {head!r} comes before any method name")
+                specs[-1] += "," + head
+            elif head:
+                specs.append(head)
+            if tiers and not specs:
+                raise ValueError(f"{piece!r}: a '{TIER_SEPARATOR}' comes before any method name")
+            for tier in tiers:
+                specs[-1] += f" {TIER_SEPARATOR} " + tier
     if not specs:
         raise ValueError(f"no methods given; known methods: {', '.join(known_methods())}")
     out: dict[str, MethodSpec] = {}
@@ -234,6 +252,16 @@ def parse_methods(text: str | list[str]) -> list[MethodSpec]:
         parsed = parse_method(spec)
         out.setdefault(parsed.label, parsed)
     return list(out.values())
+
+
+def parse_op_methods(text: str | list[str]) -> list[MethodSpec]:
+    """:func:`parse_methods` for the entry points that time one attention op: ``dense``
+    left out (they always time it), tiered specs refused (they are layer plans)."""
+    specs = [s for s in parse_methods(text) if s.name != "dense"]
+    tiered = [s.label for s in specs if s.name == TIERS]
+    if tiered:
+        raise ValueError(f"methods: {tiered[0]!r} is a layer plan (tiers); this benchmark times one method per op")
+    return specs
 
 
 # ---------------------------------------------------------------- settings <-> dataclass fields
@@ -307,6 +335,7 @@ __all__ = [
     "get_method",
     "parse_method",
     "parse_methods",
+    "parse_op_methods",
     "spec_for",
     "as_spec",
     "convert_settings",
