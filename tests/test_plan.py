@@ -186,3 +186,35 @@ def test_tiered_model_runs_each_tiers_setting_in_its_layers():
     assert sorted(shares) == [0, 1, 2, 3]
     assert shares[1] < 0.4 and min(shares[i] for i in (0, 2, 3)) > 0.6
     assert all(torch.equal(tiered, other) for other in by_plan) and not torch.equal(tiered, dense)
+
+
+# The recommended whole-model setting of the README ("Use it"), with profile="sensitivity".
+RECOMMENDED = "token_sparse:coverage=0.01,dropped_rows=local | token_sparse:coverage=0.005,dropped_rows=local"
+
+
+def test_recommended_tiers_on_the_embedded_model_are_the_evaluated_plan():
+    """On SmolLM2's architecture the shipped sensitivity profile gives the first tier the 23 safe
+    layers and the second the 7 others: the plan measured in results/tiers/ with the layers named."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokensparse.profile import shipped_profiles
+    from tokensparse.sensitivity import find_sensitivity_profile
+
+    (path,) = [p for p in shipped_profiles() if p.name == "smollm2_sensitivity.json"]
+    identity = SensitivityProfile.load(path).model
+    config = LlamaConfig(
+        num_hidden_layers=identity.num_layers, hidden_size=identity.hidden_size,
+        num_attention_heads=identity.num_heads, num_key_value_heads=identity.num_kv_heads,
+        intermediate_size=identity.intermediate_size, vocab_size=identity.vocab_size,
+        max_position_embeddings=identity.max_position_embeddings,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert find_sensitivity_profile(model) is not None
+    plan = build_plan(model, RECOMMENDED, profile="sensitivity", min_length="auto")
+    evaluated = build_plan(
+        None, "token_sparse:coverage=0.01,dropped_rows=local,sparse_layers=3-6;9-13;15-16;18-29 | "
+        "token_sparse:coverage=0.005,dropped_rows=local", num_layers=30, min_length="auto")
+    assert [(e.spec.config.coverage, e.min_length) for e in plan.layers] == [
+        (e.spec.config.coverage, e.min_length) for e in evaluated.layers]
+    assert plan.sparse_layers == tuple(range(30))
