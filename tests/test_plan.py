@@ -218,3 +218,11 @@ def test_recommended_tiers_on_the_embedded_model_are_the_evaluated_plan():
     assert [(e.spec.config.coverage, e.min_length) for e in plan.layers] == [
         (e.spec.config.coverage, e.min_length) for e in evaluated.layers]
     assert plan.sparse_layers == tuple(range(30))
+
+
+def test_reads_profile_only_where_layers_come_from_one():
+    from tokensparse.plan import reads_profile
+
+    assert reads_profile(SPARSE) and reads_profile(f"{MILD} | {LOCAL}") and reads_profile("token_sparse+xattention")
+    assert not reads_profile(LOCAL) and not reads_profile(f"{LOCAL} | {MILD}")
+    assert not reads_profile("flexprefill") and not reads_profile("dense")

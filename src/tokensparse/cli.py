@@ -165,7 +165,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--methods", default="token_sparse:keep_ratio=0.25", type=_methods,
                    help="comma-separated method specs run beside dense (default token_sparse:keep_ratio=0.25)")
     f.add_argument("--rope-scaling", type=float, default=None, help="YaRN factor for a loaded model (e.g. 16)")
-    f.add_argument("--profile", default=None, help="layer profile JSON (default: the shipped one, if any)")
+    f.add_argument("--profile", default=None, metavar="PATH|sensitivity",
+                   help="layer profile of the methods that name no sparse_layers: a profile JSON, or 'sensitivity' "
+                        "for the one shipped for the model (default: the shipped drift profile, if any)")
     f.add_argument("--min-lengths", type=_gate_list, default=[0],
                    help="length gates to run every method at: integers or 'auto' (each method's measured "
                    "crossover); shorter prefills run dense (default 0: no gate)")
@@ -502,6 +504,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--chunk-size", type=int, default=None, metavar="N",
                        help="prefill each prompt N tokens per forward pass over a KV cache (tokensparse.prefill); "
                             "results are methods of their own, '<spec> @ chunk N' (default: the whole prompt at once)")
+        q.add_argument("--profile", default=None, metavar="PATH|sensitivity",
+                       help="layer profile of the methods that name no sparse_layers (the first tier of a tiered "
+                            "spec): a profile JSON, or 'sensitivity' for the one shipped for the model "
+                            "(default: the shipped drift profile); recorded in their run settings")
         q.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
         q.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"), help="weight dtype")
         q.add_argument("--rope-scaling", type=float, default=None, help="YaRN factor for lengths past the context")
@@ -611,6 +617,7 @@ def _execute_eval(args: argparse.Namespace, eval_name: str, loaded, methods, sam
     runs = run_eval(
         loaded, eval_name, samples, methods, args.out, batch_size=args.batch_size, meta=meta, progress=progress,
         stage=None if args.no_progress else stage, overwrite=args.overwrite, chunk_size=args.chunk_size,
+        profile=args.profile,
     )
     for run in runs:
         print(f"{run.method}: ran {run.ran}, skipped {run.skipped} finished -> {run.path}")

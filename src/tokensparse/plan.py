@@ -155,6 +155,13 @@ def build_plan(
     return LayerPlan(tuple(layers), spec).with_min_length(min_length)
 
 
+def reads_profile(method: "str | MethodSpec | Any") -> bool:
+    """True when :func:`build_plan` takes the layers of ``method`` from a profile: its first
+    tier selects tokens and names no ``sparse_layers``. Other methods refuse ``profile``."""
+    first = tiers_of(as_spec(method))[0]
+    return first.method.layers == LAYERS_SPARSE and first.method.sparse_layers(first.config) is None
+
+
 def _tier_layers(
     model: Any, spec: MethodSpec, num_layers: int, profile: Any, *, first: bool
 ) -> list[LayerEntry | None]:
@@ -237,4 +244,4 @@ def _profile_layers(model: Any, profile: Any, num_layers: int) -> tuple[int, ...
     return fallback
 
 
-__all__ = ["LayerEntry", "LayerPlan", "build_plan", "measured_min_lengths"]
+__all__ = ["LayerEntry", "LayerPlan", "build_plan", "measured_min_lengths", "reads_profile"]

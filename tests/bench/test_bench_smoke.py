@@ -145,6 +145,12 @@ def test_bench_prefill_rounds_and_tiers(tmp_path):
     shares = entry["kept_share_by_layer"]
     assert shares["0"] < 0.4 < 0.6 < shares["1"]
     assert len(modes["dense"]["time"]["round_medians_ms"]) == 3
+    # --profile reaches the methods that read it; the others (flexprefill here) run without it
+    assert main([
+        "bench", "prefill", "--device", "cpu", "--model", "tiny-random", "--lengths", "160", "--methods",
+        "flexprefill:block_size=32,min_budget=32", "--profile", "sensitivity", "--warmup", "0", "--reps", "1",
+        "--out", str(out),
+    ]) == 0
     with pytest.raises(ValueError, match="rounds"):
         from tokensparse.bench.prefill import PrefillBenchConfig
 

@@ -170,3 +170,36 @@ def test_stages_come_before_the_progress_bar(tiny_loaded, samples, tmp_path, fak
     assert events[1] == ("progress", "dense", 0, 4)
     assert ("stage", "dense: warming up at 400 tokens ...") in events
     assert events[-1] == ("progress", "dense", 4, 4)
+
+
+def test_profile_reaches_the_methods_that_read_it(tiny_loaded, byte_tokenizer, tmp_path):
+    """A layer profile goes to the methods whose layers come from one and into their run
+    settings only: dense keeps its key, another profile for the same method is refused."""
+    from tokensparse.profile import ModelIdentity
+    from tokensparse.sensitivity import SensitivityProfile
+
+    def profile(kl):
+        return SensitivityProfile(
+            model=ModelIdentity.from_model(tiny_loaded.model), length=512, positions=8, config={}, kl=kl,
+            top1=(1.0, 1.0), calibration="test", calibration_sha256="0", version="0", device="cpu", dtype="float32",
+        ).save(tmp_path / f"profile_{kl[0]}.json")
+
+    safe_first, safe_second = profile((1e-4, 0.5)), profile((0.5, 1e-4))
+    tiers = "token_sparse:keep_ratio=0.25,window=16,min_tokens=16 | token_sparse:keep_ratio=0.75,window=16,min_tokens=16"
+    specs = parse_methods(f"dense,{tiers}")
+    samples = _grid(byte_tokenizer)
+    run_eval(tiny_loaded, "niah", samples, specs, tmp_path / "out", profile=safe_first)
+    dense, tiered = (read_results(result_path(tmp_path / "out", "niah", s)) for s in specs)
+    assert "profile" not in dense[0]["run_settings"]
+    assert tiered[0]["run_settings"]["profile"] == str(safe_first.resolve())
+    kept = tiered[0]["prefix_kept_share"]
+    assert kept["0"] == pytest.approx(0.25, abs=0.02) and kept["1"] == pytest.approx(0.75, abs=0.02)
+    # dense reruns under any profile; the tiered plan under another one is refused
+    (again,) = run_eval(tiny_loaded, "niah", samples, specs[:1], tmp_path / "out", profile=safe_second)
+    assert again.skipped == len(samples)
+    with pytest.raises(runner.StaleResultsError, match="other run settings"):
+        run_eval(tiny_loaded, "niah", samples, specs[1:], tmp_path / "out", profile=safe_second)
+    from tokensparse.eval.report import summarize
+
+    summary = summarize(load_records([tmp_path / "out" / "niah"]))
+    assert not any("run settings differ" in w for w in summary["niah"].get("warnings", []))

@@ -24,7 +24,7 @@ section with a warning naming what was left out; methods that share no sample
 are an error. Methods run with different generation settings (``run_key``:
 model, dtype, context, RoPE) are flagged too; a chunked prefill
 (``<label> @ chunk N``) is a method of its own, so its chunk size is left out of
-that check. Records written before these
+that check, as is the layer profile a method's plan read. Records written before these
 keys existed count as unknown: their grids are compared by (task, length,
 sample_id) and a note says so.
 """
@@ -189,12 +189,14 @@ def _settings_warnings(rows: list[dict[str, Any]], methods: list[str]) -> list[s
 
 
 def _comparable_key(record: dict[str, Any]) -> str | None:
-    """The run key without the chunk size: a chunked prefill is a method of its own
-    (``<label> @ chunk N``), compared with whole-prompt runs of the same settings."""
+    """The run key without the chunk size and the layer profile: a chunked prefill is a
+    method of its own (``<label> @ chunk N``), and a profile only says where a method's
+    sparse layers are; both are compared with runs of the same settings otherwise."""
     settings = record.get("run_settings")
-    if not record.get("run_key") or not isinstance(settings, dict) or "chunk_size" not in settings:
+    method_only = ("chunk_size", "profile")
+    if not record.get("run_key") or not isinstance(settings, dict) or not any(k in settings for k in method_only):
         return record.get("run_key")
-    return settings_key({k: v for k, v in settings.items() if k != "chunk_size"})
+    return settings_key({k: v for k, v in settings.items() if k not in method_only})
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
 import time
 from collections import defaultdict
@@ -69,6 +70,7 @@ from ..integrations.hf import cache_kwarg
 from ..integrations.transformers import disable, enable, plan_of, prefill, selection_report, sparse_layers_of
 from ..methods import MethodSpec
 from ..methods.registry import LAYERS_SPARSE
+from ..plan import SHIPPED_SENSITIVITY, reads_profile
 from .prompts import Sample
 from .results import check_chunk_size, method_label, read_results, record_key, result_path, settings_key, stale_reason
 
@@ -105,6 +107,7 @@ def run_eval(
     stage: Stage | None = None,
     overwrite: bool = False,
     chunk_size: int | None = None,
+    profile: "str | os.PathLike | None" = None,
 ) -> list[EvalRun]:
     """Answer and score ``samples`` with each method; append records to the result files.
 
@@ -123,6 +126,9 @@ def run_eval(
         chunk_size: prefill the prompts ``chunk_size`` tokens per forward pass
             (:func:`tokensparse.prefill`); None: the whole prompt in one pass.
             Chunked runs are methods of their own (``"<label> @ chunk N"``).
+        profile: the layer profile (a JSON path, or ``"sensitivity"`` for the
+            shipped one) of the methods whose layers come from a profile
+            (:func:`tokensparse.plan.reads_profile`); recorded in their run settings.
 
     Returns:
         One :class:`EvalRun` per method.
@@ -137,36 +143,40 @@ def run_eval(
     keys = [s.key for s in samples]
     if len(set(keys)) != len(keys):
         raise ValueError("samples have duplicate (task, length, sample_id) keys")
-    settings = run_settings(loaded, chunk_size)
-    run_key = settings_key(settings)
+    settings = run_settings(loaded, chunk_size, profile)
+    # The profile decides the plan of the methods that read it only; the others keep the plain key.
+    method_settings = [settings if reads_profile(spec) else _without_profile(settings) for spec in methods]
+    stamps = [{"run_key": settings_key(s), "run_settings": s} for s in method_settings]
     labels = [method_label(spec, chunk_size) for spec in methods]
     paths = [result_path(out_dir, eval_name, spec, chunk_size) for spec in methods]
     if overwrite:
         for path in paths:
             path.unlink(missing_ok=True)
-    done_by_method = _resumable(labels, paths, {s.key: s.fingerprint for s in samples}, run_key, settings)
+    done_by_method = _resumable(labels, paths, {s.key: s.fingerprint for s in samples}, stamps)
     folder = Path(out_dir) / eval_name
     folder.mkdir(parents=True, exist_ok=True)
-    _write_meta(folder / "meta.json", loaded, eval_name, {"run_settings": settings, "run_key": run_key, **(meta or {})})
-    stamp = {"run_key": run_key, "run_settings": settings}
+    _write_meta(folder / "meta.json", loaded, eval_name,
+                {"run_settings": settings, "run_key": settings_key(settings), **(meta or {})})
     runs = []
-    for spec, label, path, done in zip(methods, labels, paths, done_by_method):
+    for spec, label, path, done, stamp in zip(methods, labels, paths, done_by_method, stamps):
         todo = [s for s in samples if s.key not in done]
         if todo:
             logger.info("%s: %d samples to run, %d already in %s", label, len(todo), len(done), path)
-            _run_method(loaded, eval_name, spec, todo, path, batch_size, progress, stage, stamp, chunk_size)
+            _run_method(loaded, eval_name, spec, todo, path, batch_size, progress, stage, stamp, chunk_size,
+                        profile if reads_profile(spec) else None)
         elif progress:
             progress(label, 0, 0)
         runs.append(EvalRun(label, path, skipped=len(samples) - len(todo), ran=len(todo)))
     return runs
 
 
-def run_settings(loaded: Any, chunk_size: int | None = None) -> dict[str, Any]:
+def run_settings(loaded: Any, chunk_size: int | None = None, profile: "str | os.PathLike | None" = None) -> dict[str, Any]:
     """The settings besides the prompt that decide a model's answers (``run_settings``
     in every record; their hash is ``run_key``): the model (a local path made
     absolute, and its shape), the weight dtype, the context and RoPE parameters
-    (``--rope-scaling`` changes both), and for a chunked prefill ``chunk_size``
-    (absent otherwise, so whole-prompt keys stay as they were)."""
+    (``--rope-scaling`` changes both), for a chunked prefill ``chunk_size``, and
+    the layer ``profile`` the plans read (each absent when not given, so older
+    keys stay as they were)."""
     model = loaded.model
     config = model.config.get_text_config()
     name = str(loaded.name)
@@ -183,22 +193,27 @@ def run_settings(loaded: Any, chunk_size: int | None = None) -> dict[str, Any]:
     }
     if chunk_size is not None:
         settings["chunk_size"] = chunk_size
+    if profile is not None:
+        settings["profile"] = profile if profile == SHIPPED_SENSITIVITY else str(Path(profile).resolve())
     return settings
+
+
+def _without_profile(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k != "profile"}
 
 
 def _resumable(
     labels: list[str],
     paths: list[Path],
     expected: dict[tuple[str, int, int], str],
-    run_key: str,
-    settings: dict[str, Any],
+    stamps: list[dict[str, Any]],
 ) -> list[set[tuple[str, int, int]]]:
     """The finished sample keys of each method; StaleResultsError if any file holds
-    records of other settings (checked for every method before any runs)."""
+    records of other settings than its stamp's (checked for every method before any runs)."""
     done, stale = [], []
-    for label, path in zip(labels, paths):
+    for label, path, stamp in zip(labels, paths, stamps):
         records = [r for r in read_results(path) if r.get("method") == label]
-        reason = stale_reason(records, expected, run_key, settings)
+        reason = stale_reason(records, expected, stamp["run_key"], stamp["run_settings"])
         if reason:
             stale.append(f"{path} holds {reason}")
         done.append({record_key(r) for r in records})
@@ -232,6 +247,7 @@ def _run_method(
     stage: Stage | None,
     stamp: dict[str, Any],
     chunk_size: int | None = None,
+    profile: "str | os.PathLike | None" = None,
 ) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     label = method_label(spec, chunk_size)
@@ -240,7 +256,7 @@ def _run_method(
     switched = spec.method.prefill is not None
     selects = spec.method.layers == LAYERS_SPARSE
     if switched:
-        enable(model, spec, record=selects)
+        enable(model, spec, record=selects, profile=profile)
     try:
         # Each sparse layer's observation window (tiers may differ), for the prefix kept share.
         windows = {layer: _window(plan_of(model).layers[layer].spec.config) for layer in sparse_layers_of(model)} \
