@@ -58,6 +58,11 @@ def test_summary_numbers(tmp_path):
     assert stats[SPARSE]["prefix_kept_share"] == pytest.approx(0.6) and stats["dense"]["prefix_kept_share"] == 1.0
     assert stats[SPARSE]["prefill_s"] == pytest.approx(0.1)
     assert summary["niah"]["niah"]["niah_essay"][SPARSE][2048][0.5] == 0.0
+    lo, hi = stats[SPARSE]["vs_dense_interval"]
+    assert lo < -12.5 < hi == 0.0 and stats["dense"]["vs_dense_interval"] is None
+    assert ruler["methods"][8192][SPARSE]["vs_dense_interval"] == [lo, hi]  # the same differences, the same draws
+    niah = summary["niah"]["methods"]
+    assert niah[1024][SPARSE]["vs_dense_interval"] == [0.0, 0.0]  # identical answers: no spread
 
 
 def test_markdown_table_and_checks(tmp_path):
@@ -66,7 +71,9 @@ def test_markdown_table_and_checks(tmp_path):
     assert f"| task | length | dense | {SPARSE} |" in text
     assert "| niah_single_1 | 4096 | 100.0 | 75.0 |" in text
     assert "| **average** | 8192 | **87.5** | **75.0** |" in text
-    assert f"| {SPARSE} | 4096 | 75.0 | -12.5 | 0.1000 | 60.0% | 40.0% | 8 |" in text
+    # niah_single_1 differs on 1 of 4 samples (-25 points), vt on none: -12.5, a bootstrap interval
+    # from 3 of 4 resampled misses (-37.5) to none (0)
+    assert f"| {SPARSE} | 4096 | 75.0 | -12.5 [-37.5, +0.0] | 0.1000 | 60.0% | 40.0% | 8 |" in text
     assert "- 4096: none" in text  # 12.5 points below dense: not within 1 point
     assert f"- {SPARSE}: 2048@0.50" in text  # the one NIAH cell dense gets and sparse misses
 

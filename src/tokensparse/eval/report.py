@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -87,10 +88,12 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = sorted({int(r["length"]) for r in rows})
         for length in lengths:
             at = [r for r in rows if int(r["length"]) == length]
+            dense_scores = {_sample(r): float(r["score"]) for r in at if r["method"] == DENSE}
             for method in method_order(r["method"] for r in at):
                 mine = [r for r in at if r["method"] == method]
                 task_scores = [cells[t][length][method]["score"] for t in sorted(cells) if method in cells[t].get(length, {})]
                 methods[length][method] = {
+                    "vs_dense_interval": _paired_interval(mine, dense_scores) if method != DENSE else None,
                     "score": _mean(task_scores),
                     "tasks": len(task_scores),
                     "n": len(mine),
@@ -121,6 +124,30 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             "warnings": warnings,
         }
     return out
+
+
+def _sample(record: dict[str, Any]) -> tuple[str, int, int]:
+    return str(record["task"]), int(record["length"]), int(record["sample_id"])
+
+
+def _paired_interval(
+    rows: list[dict[str, Any]], dense: dict[tuple[str, int, int], float], draws: int = 2000, seed: int = 0
+) -> list[float] | None:
+    """95% interval of the score difference to dense (points, mean of task means), by a
+    bootstrap of the paired per-sample differences resampled within each task; None
+    without dense on these samples."""
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if _sample(r) in dense:
+            by_task[str(r["task"])].append(100 * (float(r["score"]) - dense[_sample(r)]))
+    if not by_task:
+        return None
+    rng = random.Random(seed)
+    tasks = [diffs for _, diffs in sorted(by_task.items())]
+    means = sorted(
+        sum(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for diffs in tasks) / len(tasks) for _ in range(draws)
+    )
+    return [means[int(0.025 * draws)], means[int(0.975 * draws) - 1]]
 
 
 def common_samples(eval_name: str, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -208,9 +235,10 @@ def markdown(summary: dict[str, Any]) -> str:
     per-method averages (score, prefill, kept share), and the accuracy checks."""
     lines = ["# Evaluation results", ""]
     lines.append(
-        "Scores in points (0-100). Prefill: seconds per sample (batched prompts share a prefill; see batch_size "
-        "in the records). Kept: share of prefix tokens kept per sparse layer, averaged over heads, layers and "
-        "samples (dense = 1)."
+        "Scores in points (0-100). vs dense: the difference to dense on the same samples, with a 95% interval "
+        "(bootstrap of the paired per-sample differences within each task). Prefill: seconds per sample (batched "
+        "prompts share a prefill; see batch_size in the records). Kept: share of prefix tokens kept per sparse "
+        "layer, averaged over heads, layers and samples (dense = 1)."
     )
     lines.append("")
     for eval_name, data in summary.items():
@@ -242,9 +270,11 @@ def markdown(summary: dict[str, Any]) -> str:
                 if not stats:
                     continue
                 delta = None if dense is None or stats["score"] is None else stats["score"] - dense
+                interval = stats.get("vs_dense_interval")
+                vs_dense = _fmt(delta, "+.1f") + ("" if not interval else f" [{interval[0]:+.1f}, {interval[1]:+.1f}]")
                 kept = stats["prefix_kept_share"]
                 lines.append(
-                    f"| {m} | {length} | {_fmt(stats['score'])} | {_fmt(delta, '+.1f')} | "
+                    f"| {m} | {length} | {_fmt(stats['score'])} | {vs_dense} | "
                     f"{_fmt(stats['prefill_s'], '.4f')} | {_fmt(kept, '.1%')} | "
                     f"{_fmt(None if kept is None else 1 - kept, '.1%')} | {stats['n']} |"
                 )
