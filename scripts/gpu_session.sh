@@ -43,6 +43,11 @@ TIER_COV="$SAFE_ONLY | token_sparse:coverage=0.005,dropped_rows=local"
 TIER_METHODS=${TIER_METHODS:-"$SAFE_ONLY,$TIER_HALF,$TIER_3Q,$TIER_COV"}
 # Chunks take token sparse with zero rows: the paper's setting and a fixed key budget per chunk.
 CHUNK_METHODS=${CHUNK_METHODS:-"token_sparse,token_sparse:keep_tokens=2048"}
+# The accuracy runs: RULER 4K/8K (11 synthetic tasks x 10 samples), NIAH 1K-8K x 10 depths.
+RULER_ARGS=(--model "$GGUF" --out "$OUT/eval" --tasks synthetic --lengths 4096,8192 --samples 10 --batch-size 128
+            --no-report --no-progress)
+NIAH_ARGS=(--model "$GGUF" --out "$OUT/eval" --lengths 1024,2048,3072,4096,5120,6144,7168,8192 --depths 10
+           --haystack essay --batch-size 128 --no-report --no-progress)
 EVAL_METHODS=${EVAL_METHODS:-"dense,flexprefill,xattention,token_sparse+xattention:keep_ratio=0.5,dropped_rows=local,$ALL_LAYERS,$REC_FP,$REC_XA"}
 
 {
@@ -66,13 +71,10 @@ prefill)
         --out "$OUT/prefill/llama8b.json"
     ;;
 ruler)
-    timeout 560 $PY -m tokensparse.cli eval ruler --model "$GGUF" --methods "$EVAL_METHODS" --out "$OUT/eval" \
-        --tasks synthetic --lengths 4096,8192 --samples 10 --batch-size 128 --no-report --no-progress
+    timeout 560 $PY -m tokensparse.cli eval ruler "${RULER_ARGS[@]}" --methods "$EVAL_METHODS"
     ;;
 niah)
-    timeout 400 $PY -m tokensparse.cli eval niah --model "$GGUF" --methods "$EVAL_METHODS" --out "$OUT/eval" \
-        --lengths 1024,2048,3072,4096,5120,6144,7168,8192 --depths 10 --haystack essay --batch-size 128 \
-        --no-report --no-progress
+    timeout 400 $PY -m tokensparse.cli eval niah "${NIAH_ARGS[@]}" --methods "$EVAL_METHODS"
     ;;
 chunked)
     timeout 100 $PY -m pytest -q -m gpu tests/gpu/test_gpu_chunk.py -p no:cacheprovider
@@ -87,16 +89,12 @@ chunked)
         --methods "$KEEP,sparse_layers=2-29,$KEEP,sparse_layers=0-29" --out "$OUT/chunked/smollm2_1m.json"
     ;;
 chunked_ruler)
-    ARGS=(--model "$GGUF" --out "$OUT/eval" --tasks synthetic --lengths 4096,8192 --samples 10 --batch-size 128
-          --no-report --no-progress)
-    timeout 300 $PY -m tokensparse.cli eval ruler "${ARGS[@]}" --methods "dense,$CHUNK_METHODS"
-    timeout 280 $PY -m tokensparse.cli eval ruler "${ARGS[@]}" --methods "$CHUNK_METHODS" --chunk-size 1024
+    timeout 300 $PY -m tokensparse.cli eval ruler "${RULER_ARGS[@]}" --methods "dense,$CHUNK_METHODS"
+    timeout 280 $PY -m tokensparse.cli eval ruler "${RULER_ARGS[@]}" --methods "$CHUNK_METHODS" --chunk-size 1024
     ;;
 chunked_niah)
-    ARGS=(--model "$GGUF" --out "$OUT/eval" --lengths 1024,2048,3072,4096,5120,6144,7168,8192 --depths 10
-          --haystack essay --batch-size 128 --no-report --no-progress)
-    timeout 250 $PY -m tokensparse.cli eval niah "${ARGS[@]}" --methods "dense,$CHUNK_METHODS"
-    timeout 250 $PY -m tokensparse.cli eval niah "${ARGS[@]}" --methods "$CHUNK_METHODS" --chunk-size 1024
+    timeout 250 $PY -m tokensparse.cli eval niah "${NIAH_ARGS[@]}" --methods "dense,$CHUNK_METHODS"
+    timeout 250 $PY -m tokensparse.cli eval niah "${NIAH_ARGS[@]}" --methods "$CHUNK_METHODS" --chunk-size 1024
     ;;
 tiers)
     timeout 420 $PY -m tokensparse.cli bench prefill --model "$GGUF" --rope-scaling 16 \
@@ -104,13 +102,10 @@ tiers)
         --methods "$TIER_METHODS,$REC_FP" --out "$OUT/tiers/smollm2.json"
     ;;
 tiers_ruler)
-    timeout 560 $PY -m tokensparse.cli eval ruler --model "$GGUF" --methods "dense,$TIER_METHODS" --out "$OUT/eval" \
-        --tasks synthetic --lengths 4096,8192 --samples 10 --batch-size 128 --no-report --no-progress
+    timeout 560 $PY -m tokensparse.cli eval ruler "${RULER_ARGS[@]}" --methods "dense,$TIER_METHODS"
     ;;
 tiers_niah)
-    timeout 400 $PY -m tokensparse.cli eval niah --model "$GGUF" --methods "dense,$TIER_METHODS" --out "$OUT/eval" \
-        --lengths 1024,2048,3072,4096,5120,6144,7168,8192 --depths 10 --haystack essay --batch-size 128 \
-        --no-report --no-progress
+    timeout 400 $PY -m tokensparse.cli eval niah "${NIAH_ARGS[@]}" --methods "dense,$TIER_METHODS"
     ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
