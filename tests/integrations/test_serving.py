@@ -127,6 +127,23 @@ def test_settings_from_the_environment():
         ServingSettings.from_env({"TOKENSPARSE_MIN_LENGTH": "-3"})
 
 
+def test_a_profile_from_the_environment_places_the_first_tier():
+    """TOKENSPARSE_PROFILE reaches the specs whose layers come from a profile (the recommended tiers)."""
+    from tokensparse.profile import shipped_profiles
+
+    (path,) = [p for p in shipped_profiles() if p.name == "smollm2_sensitivity.json"]
+    tiers = "token_sparse:coverage=0.01,dropped_rows=local | token_sparse:coverage=0.005,dropped_rows=local"
+    plan = ServingSettings.from_env({"TOKENSPARSE_METHOD": tiers, "TOKENSPARSE_PROFILE": str(path)}).plan(30)
+    first = [i for i, e in enumerate(plan.layers) if e.spec.config.coverage == 0.01]
+    assert first == [3, 4, 5, 6, 9, 10, 11, 12, 13, 15, 16, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]
+    named = ServingSettings.from_env({"TOKENSPARSE_METHOD": "token_sparse:sparse_layers=1", "TOKENSPARSE_PROFILE": str(path)})
+    assert named.plan(30).sparse_layers == (1,)  # a spec that names its layers ignores the profile
+    with pytest.raises(ValueError, match="TOKENSPARSE_PROFILE must be the path of a profile JSON"):
+        ServingSettings.from_env({"TOKENSPARSE_PROFILE": "sensitivity"})
+    with pytest.raises(ValueError, match="30 layers"):
+        ServingSettings.from_env({"TOKENSPARSE_METHOD": tiers, "TOKENSPARSE_PROFILE": str(path)}).plan(12)
+
+
 def _runner(spec: str, min_length: int = 0, record=None) -> RequestRunner:
     return RequestRunner(LayerEntry(parse_method(spec), min_length), layer=4, record=record)
 

@@ -25,7 +25,7 @@ import torch
 
 from ..log import warn_once
 from ..methods import MethodSpec, parse_method
-from ..plan import LayerEntry, LayerPlan, build_plan
+from ..plan import LayerEntry, LayerPlan, build_plan, reads_profile
 from ..selection import TokenSelection
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 ENV_METHOD = "TOKENSPARSE_METHOD"
 ENV_MIN_LENGTH = "TOKENSPARSE_MIN_LENGTH"
 ENV_RECORD = "TOKENSPARSE_RECORD"
+ENV_PROFILE = "TOKENSPARSE_PROFILE"
 DEFAULT_METHOD = "token_sparse"
 
 
@@ -217,11 +218,16 @@ class ServingSettings:
             ``auto``; default 0): requests of fewer tokens run the engine's attention.
         record: a JSON-lines file each sparse request's selection is appended to
             (``TOKENSPARSE_RECORD``), or None.
+        profile: a layer profile JSON (``TOKENSPARSE_PROFILE``, drift or
+            sensitivity) for a method whose layers come from a profile (a tiered
+            spec's first tier without ``sparse_layers``), or None. The engine
+            gives no model to match a shipped profile by, so it is a path.
     """
 
     method: MethodSpec
     min_length: int | str = 0
     record: Path | None = None
+    profile: Path | None = None
 
     @classmethod
     def from_env(cls, environ: "os._Environ[str] | dict[str, str] | None" = None) -> "ServingSettings":
@@ -242,11 +248,18 @@ class ServingSettings:
             if min_length < 0:
                 raise ValueError(f"{ENV_MIN_LENGTH} must be an integer >= 0 or 'auto', got {raw!r}")
         record = env.get(ENV_RECORD, "").strip()
-        return cls(method, min_length, Path(record) if record else None)
+        profile = env.get(ENV_PROFILE, "").strip()
+        if profile and not Path(profile).is_file():
+            raise ValueError(
+                f"{ENV_PROFILE} must be the path of a profile JSON, got {profile!r} (the shipped ones are in "
+                f"{Path(__file__).parents[1] / 'data' / 'profiles'})"
+            )
+        return cls(method, min_length, Path(record) if record else None, Path(profile) if profile else None)
 
     def plan(self, num_layers: int) -> LayerPlan:
         """The layer plan for a model of ``num_layers`` decoder layers."""
-        return build_plan(None, self.method, num_layers=num_layers, min_length=self.min_length)
+        profile = self.profile if reads_profile(self.method) else None
+        return build_plan(None, self.method, num_layers=num_layers, profile=profile, min_length=self.min_length)
 
 
 # ---------------------------------------------------------------- one request
