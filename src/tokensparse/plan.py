@@ -87,10 +87,6 @@ class LayerPlan:
     def entry(self, layer_idx: int) -> LayerEntry | None:
         return self.layers[layer_idx] if 0 <= layer_idx < len(self.layers) else None
 
-    def layers_running(self, name: str) -> tuple[int, ...]:
-        """Indices of the layers whose method is ``name``."""
-        return tuple(i for i, e in enumerate(self.layers) if e is not None and e.spec.name == name)
-
     @property
     def sparse_layers(self) -> tuple[int, ...]:
         """Layers that select tokens (token sparse or a composition, of any tier)."""
