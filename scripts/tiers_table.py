@@ -18,8 +18,7 @@ LENGTHS = (4096, 8192, 16384, 32768, 49152, 65536, 131072)
 GATED = " @ auto"
 
 
-def _accuracy(folder: Path, label: str) -> list[str]:
-    summary = summarize(load_records([folder / "eval"]))
+def _accuracy(summary: dict, label: str) -> list[str]:
     ruler = summary["ruler"]["methods"]
     if label not in ruler[4096]:
         return ["-", "-", "-"]
@@ -41,10 +40,11 @@ def main(folders: list[str]) -> None:
     print("|---|" + "---:|" * (len(LENGTHS) + 3))
     for folder in map(Path, folders):
         rows = {r["seq_len"]: r["modes"] for r in json.loads((folder / "smollm2.json").read_text())["results"]}
+        summary = summarize(load_records([folder / "eval"]))
         for label in rows[LENGTHS[0]]:
             if label.endswith(GATED):
                 ratios = [f"{rows[n][label]['speedup_vs_dense']:.2f}" for n in LENGTHS]
-                print(f"| {label[: -len(GATED)]} | " + " | ".join(ratios + _accuracy(folder, label[: -len(GATED)])) + " |")
+                print(f"| {label[: -len(GATED)]} | " + " | ".join(ratios + _accuracy(summary, label[: -len(GATED)])) + " |")
 
 
 if __name__ == "__main__":

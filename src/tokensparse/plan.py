@@ -158,6 +158,12 @@ def reads_profile(method: "str | MethodSpec | Any") -> bool:
     return first.method.layers == LAYERS_SPARSE and first.method.sparse_layers(first.config) is None
 
 
+def profile_for(method: "str | MethodSpec | Any", profile: Any) -> Any:
+    """``profile`` where ``method`` reads one (:func:`reads_profile`), else None: for the entry
+    points that run many methods under one ``--profile``."""
+    return profile if reads_profile(method) else None
+
+
 def _tier_layers(
     model: Any, spec: MethodSpec, num_layers: int, profile: Any, *, first: bool
 ) -> list[LayerEntry | None]:
@@ -240,4 +246,4 @@ def _profile_layers(model: Any, profile: Any, num_layers: int) -> tuple[int, ...
     return fallback
 
 
-__all__ = ["LayerEntry", "LayerPlan", "build_plan", "measured_min_lengths", "reads_profile"]
+__all__ = ["LayerEntry", "LayerPlan", "build_plan", "measured_min_lengths", "profile_for", "reads_profile"]

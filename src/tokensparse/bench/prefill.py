@@ -35,7 +35,7 @@ import torch
 from ..integrations.chunk_sdpa import CHUNK_SDPA, chunk_sdpa
 from ..integrations.transformers import disable, enable, plan_of, prefill, selection_report
 from ..methods import parse_methods
-from ..plan import reads_profile
+from ..plan import profile_for
 from .timing import machine_info, time_fn
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def run_prefill_bench(
     ]
     plans = {}
     for spec in specs[1:]:
-        enable(model, spec, profile=_profile_of(spec, cfg))
+        enable(model, spec, profile=profile_for(spec, cfg.profile))
         plans[spec.label] = [(label, layers) for label, layers in plan_of(model).describe()]
         disable(model)
 
@@ -246,7 +246,7 @@ def _time_method(model, spec, gate: int, run, device: torch.device, cfg: Prefill
     warmup = cfg.warmup
     if spec.method.prefill is not None:
         # A recorded run (it syncs to copy the kept counts) doubles as warm-up.
-        enable(model, spec, profile=_profile_of(spec, cfg), record=True, min_length=gate)
+        enable(model, spec, profile=profile_for(spec, cfg.profile), record=True, min_length=gate)
         run()
         report = selection_report(model, clear=True)
         if report:
@@ -258,7 +258,7 @@ def _time_method(model, spec, gate: int, run, device: torch.device, cfg: Prefill
                 entry["kept_share_by_chunk"] = [
                     sum(v.mean_kept_share for v in chunk.values()) / max(len(chunk), 1) for chunk in report
                 ]
-        enable(model, spec, profile=_profile_of(spec, cfg), record=False, min_length=gate)
+        enable(model, spec, profile=profile_for(spec, cfg.profile), record=False, min_length=gate)
         warmup = max(cfg.warmup - 1, 0)
     try:
         if device.type == "cuda":
@@ -271,11 +271,6 @@ def _time_method(model, spec, gate: int, run, device: torch.device, cfg: Prefill
     finally:
         disable(model)
     return entry
-
-
-def _profile_of(spec, cfg: PrefillBenchConfig):
-    """``cfg.profile`` for the methods whose layers come from a profile, None for the others."""
-    return cfg.profile if reads_profile(spec) else None
 
 
 def _merge_rounds(entries: list[dict[str, Any]]) -> dict[str, Any]:

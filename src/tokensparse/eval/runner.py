@@ -70,7 +70,7 @@ from ..integrations.hf import cache_kwarg
 from ..integrations.transformers import disable, enable, plan_of, prefill, selection_report, sparse_layers_of
 from ..methods import MethodSpec
 from ..methods.registry import LAYERS_SPARSE
-from ..plan import SHIPPED_SENSITIVITY, reads_profile
+from ..plan import SHIPPED_SENSITIVITY, profile_for, reads_profile
 from .prompts import Sample
 from .results import check_chunk_size, method_label, read_results, record_key, result_path, settings_key, stale_reason
 
@@ -163,7 +163,7 @@ def run_eval(
         if todo:
             logger.info("%s: %d samples to run, %d already in %s", label, len(todo), len(done), path)
             _run_method(loaded, eval_name, spec, todo, path, batch_size, progress, stage, stamp, chunk_size,
-                        profile if reads_profile(spec) else None)
+                        profile_for(spec, profile))
         elif progress:
             progress(label, 0, 0)
         runs.append(EvalRun(label, path, skipped=len(samples) - len(todo), ran=len(todo)))

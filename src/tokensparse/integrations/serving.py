@@ -25,7 +25,7 @@ import torch
 
 from ..log import warn_once
 from ..methods import MethodSpec, parse_method
-from ..plan import LayerEntry, LayerPlan, build_plan, reads_profile
+from ..plan import LayerEntry, LayerPlan, build_plan, profile_for
 from ..selection import TokenSelection
 
 logger = logging.getLogger(__name__)
@@ -258,8 +258,8 @@ class ServingSettings:
 
     def plan(self, num_layers: int) -> LayerPlan:
         """The layer plan for a model of ``num_layers`` decoder layers."""
-        profile = self.profile if reads_profile(self.method) else None
-        return build_plan(None, self.method, num_layers=num_layers, profile=profile, min_length=self.min_length)
+        return build_plan(None, self.method, num_layers=num_layers, profile=profile_for(self.method, self.profile),
+                          min_length=self.min_length)
 
 
 # ---------------------------------------------------------------- one request
