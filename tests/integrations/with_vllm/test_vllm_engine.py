@@ -172,3 +172,29 @@ def test_local_rows_on_a_chunked_prefill(folder, prompts, tmp_path):
     chunks = [r for r in read_records(tmp_path / "chunks.jsonl") if r["query_len"] < r["seq_len"]]
     assert chunks and any(max(r["num_kept"]) < r["seq_len"] for r in chunks)
     assert "wrapped backend" not in log
+
+
+def test_recommended_tiers_placed_by_a_profile_from_the_environment(folder, prompts, tmp_path):
+    """The README's recommended tiers with TOKENSPARSE_PROFILE: every layer runs sparse, and each
+    layer keeps what the transformers path with the same profile keeps, with the same answer."""
+    import tokensparse
+    from tokensparse.demo import greedy_answer
+    from tokensparse.profile import shipped_profiles
+
+    tiers = "token_sparse:coverage=0.01,dropped_rows=local | token_sparse:coverage=0.005,dropped_rows=local"
+    (profile,) = [p for p in shipped_profiles() if p.name == "smollm2_sensitivity.json"]
+    out, log = run_engine(folder, prompts["ids"][:1], tmp_path, custom=True,
+                          env={"TOKENSPARSE_METHOD": tiers, "TOKENSPARSE_PROFILE": str(profile),
+                               "TOKENSPARSE_RECORD": str(tmp_path / "tiers.jsonl")})
+    records = [r for r in read_records(tmp_path / "tiers.jsonl") if r["query_len"] > 1]
+    assert sorted(r["layer"] for r in records) == list(range(30)), log[-4000:]
+    by_layer = {r["layer"]: r for r in records}
+
+    loaded = models.load(str(folder), device="cpu", dtype=torch.bfloat16)
+    tokensparse.enable(loaded.model, tiers, profile=profile, record=True)
+    generated, _ = greedy_answer(loaded.model, torch.tensor(prompts["ids"][:1]), MAX_TOKENS)
+    assert loaded.tokenizer.decode(generated[0]) == prompts["tokenizer"].decode(out["tokens"][0])
+    report = tokensparse.selection_report(loaded.model)[0]
+    for layer in (3, 7, 22):  # safe (coverage 0.01), fragile (0.005), safe
+        vllm_kept, hf_kept = sum(by_layer[layer]["num_kept"]), sum(report[layer].num_kept[0])
+        assert abs(vllm_kept - hf_kept) <= 0.01 * hf_kept, (layer, vllm_kept, hf_kept)
