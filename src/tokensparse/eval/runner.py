@@ -70,7 +70,7 @@ from ..integrations.hf import cache_kwarg
 from ..integrations.transformers import disable, enable, plan_of, prefill, selection_report, sparse_layers_of
 from ..methods import MethodSpec
 from ..methods.registry import LAYERS_SPARSE
-from ..plan import SHIPPED_SENSITIVITY, profile_for, reads_profile
+from ..plan import SHIPPED_SENSITIVITY, profile_for
 from .prompts import Sample
 from .results import check_chunk_size, method_label, read_results, record_key, result_path, settings_key, stale_reason
 
@@ -145,7 +145,7 @@ def run_eval(
         raise ValueError("samples have duplicate (task, length, sample_id) keys")
     settings = run_settings(loaded, chunk_size, profile)
     # The profile decides the plan of the methods that read it only; the others keep the plain key.
-    method_settings = [settings if reads_profile(spec) else _without_profile(settings) for spec in methods]
+    method_settings = [run_settings(loaded, chunk_size, profile_for(spec, profile)) for spec in methods]
     stamps = [{"run_key": settings_key(s), "run_settings": s} for s in method_settings]
     labels = [method_label(spec, chunk_size) for spec in methods]
     paths = [result_path(out_dir, eval_name, spec, chunk_size) for spec in methods]
@@ -196,10 +196,6 @@ def run_settings(loaded: Any, chunk_size: int | None = None, profile: "str | os.
     if profile is not None:
         settings["profile"] = profile if profile == SHIPPED_SENSITIVITY else str(Path(profile).resolve())
     return settings
-
-
-def _without_profile(settings: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in settings.items() if k != "profile"}
 
 
 def _resumable(
