@@ -88,7 +88,10 @@ def run_engine(folder, ids, tmp_path, *, custom, env=None, max_num_batched_token
     job_path, out_path = tmp_path / f"{name}.job.json", tmp_path / f"{name}.out.json"
     job_path.write_text(json.dumps(job))
     environ = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSPARSE_")}
-    environ.update({"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", **(env or {})})
+    # The engine core in this process: every request is added before the first step, so the
+    # batches (and the bf16 GEMMs' shapes, hence near-tie greedy tokens) do not depend on timing.
+    environ.update({"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                    **(env or {})})
     done = subprocess.run([sys.executable, "-m", "tokensparse.bench.vllm_engine", str(job_path), str(out_path)], env=environ, cwd=tmp_path,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, f"engine failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
